@@ -1,0 +1,46 @@
+"""The ``perturbdiff`` console command.
+
+Each subcommand lives next to the code it drives and registers itself through ``add_parser``
+functions listed in ``_SUBCOMMANDS``; this module only dispatches, and imports a subcommand's
+module when that subcommand runs (so ``perturbdiff --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> "module:function" that adds the subparser (the function sets ``func`` on it).
+_SUBCOMMANDS: dict[str, str] = {
+    "atlas": "perturbdiff.data.cli:add_parser",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="perturbdiff", description="PerturbDiff command-line tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, target in _SUBCOMMANDS.items():
+        module_name, func_name = target.split(":")
+        try:
+            add_parser = getattr(importlib.import_module(module_name), func_name)
+        except ModuleNotFoundError as err:  # a subcommand whose module is not installed
+            if err.name and module_name.startswith(err.name):
+                continue
+            raise
+        add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"perturbdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
