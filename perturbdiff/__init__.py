@@ -1,0 +1,35 @@
+"""PerturbDiff: functional diffusion over sets of cells for single-cell perturbation modelling."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration import COVARIATES, MODEL_PRESETS, NULL_ID, PerturbDiffConfig
+from .diffusion import GaussianDiffusion, apply_guidance
+from .losses import energy_distance, set_loss
+from .modeling import PerturbDiffModel
+from .normalization import Normalization, normalize_counts
+from .training import CONDITIONAL, MARGINAL, Objective, sample_sets, training_step
+
+__version__ = "0.1.0"
+
+# After ``import perturbdiff``, AutoConfig/AutoModel.from_pretrained(folder) need no remote code.
+AutoConfig.register(PerturbDiffConfig.model_type, PerturbDiffConfig, exist_ok=True)
+AutoModel.register(PerturbDiffConfig, PerturbDiffModel, exist_ok=True)
+
+__all__ = [
+    "COVARIATES",
+    "CONDITIONAL",
+    "GaussianDiffusion",
+    "MARGINAL",
+    "MODEL_PRESETS",
+    "NULL_ID",
+    "Normalization",
+    "Objective",
+    "PerturbDiffConfig",
+    "PerturbDiffModel",
+    "apply_guidance",
+    "energy_distance",
+    "normalize_counts",
+    "sample_sets",
+    "set_loss",
+    "training_step",
+]

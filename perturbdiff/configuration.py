@@ -1,0 +1,207 @@
+"""``PerturbDiffConfig``: the single source of truth for a PerturbDiff model.
+
+The config holds the network sizes, the diffusion settings the model was trained with, and
+everything that says what data the model takes: the ordered gene vocabulary, the perturbation /
+context / batch vocabularies and the expression normalisation. It is saved as ``config.json``
+next to the weights, so ``from_pretrained(folder)`` rebuilds the model and can validate a user's
+data against it.
+
+Covariate ids: id 0 of every covariate is the reserved *null* id (classifier-free guidance and
+"unknown"); the name at position i of a vocabulary has id i + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import PretrainedConfig
+
+from .normalization import Normalization
+
+__all__ = ["PerturbDiffConfig", "MODEL_PRESETS", "COVARIATES", "NULL_ID"]
+
+NULL_ID = 0
+COVARIATES = ("perturbation", "context", "batch")
+
+# Named sizes. ``base`` is the paper's default (d=512, depth 8, 8 heads); ``debug`` is for tests.
+MODEL_PRESETS: dict[str, dict] = {
+    "debug": dict(hidden_size=64, num_layers=2, num_heads=4),
+    "small": dict(hidden_size=256, num_layers=4, num_heads=4),
+    "base": dict(hidden_size=512, num_layers=8, num_heads=8),
+    "large": dict(hidden_size=1024, num_layers=12, num_heads=16),
+}
+
+_BETA_SCHEDULES = ("linear", "cosine")
+_OUTPUT_ACTIVATIONS = ("relu", "softplus", "none")
+
+
+class PerturbDiffConfig(PretrainedConfig):
+    """Configuration of a :class:`~perturbdiff.PerturbDiffModel`.
+
+    Args:
+        gene_names: ordered gene vocabulary (the model's input/output columns). Either this or
+            ``num_genes`` must be given; when both are, they must agree.
+        num_genes: number of genes G (derived from ``gene_names`` when omitted).
+        perturbation_names, context_names, batch_names: covariate vocabularies; id = index + 1.
+        hidden_size, num_layers, num_heads, mlp_ratio: transformer sizes (see ``MODEL_PRESETS``).
+        qk_norm: RMS-normalise queries and keys per head.
+        output_activation: non-negative head, ``"relu"`` (default, allows exact zeros),
+            ``"softplus"`` or ``"none"``.
+        use_dose: embed a per-set dose (``log1p(dose)``) into the condition.
+        perturbation_feature_dim: width F of optional per-perturbation feature vectors (gene
+            embeddings, drug fingerprints); 0 disables them.
+        num_train_timesteps, beta_schedule: the diffusion the model was trained with.
+        self_conditioning: the input carries a self-conditioning estimate (input width 2G).
+        normalization: dict of :class:`~perturbdiff.normalization.Normalization` fields.
+        control_label: the perturbation name that marks control cells in the training data.
+    """
+
+    model_type = "perturbdiff"
+
+    def __init__(
+        self,
+        gene_names: Sequence[str] | None = None,
+        num_genes: int | None = None,
+        perturbation_names: Sequence[str] | None = None,
+        context_names: Sequence[str] | None = None,
+        batch_names: Sequence[str] | None = None,
+        hidden_size: int = 512,
+        num_layers: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+        output_activation: str = "relu",
+        use_dose: bool = True,
+        perturbation_feature_dim: int = 0,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "cosine",
+        self_conditioning: bool = True,
+        normalization: dict | None = None,
+        control_label: str | None = "control",
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.gene_names = list(gene_names) if gene_names is not None else None
+        if num_genes is None and self.gene_names is not None:
+            num_genes = len(self.gene_names)
+        self.num_genes = num_genes
+        self.perturbation_names = list(perturbation_names or [])
+        self.context_names = list(context_names or [])
+        self.batch_names = list(batch_names or [])
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.qk_norm = qk_norm
+        self.output_activation = output_activation
+        self.use_dose = use_dose
+        self.perturbation_feature_dim = perturbation_feature_dim
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_schedule = beta_schedule
+        self.self_conditioning = self_conditioning
+        self.normalization = Normalization.from_dict(normalization).to_dict()
+        self.control_label = control_label
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` on an inconsistent config (called on construction)."""
+        if self.num_genes is None:
+            raise ValueError("PerturbDiffConfig needs gene_names or num_genes")
+        if self.gene_names is not None:
+            if len(self.gene_names) != self.num_genes:
+                raise ValueError(
+                    f"num_genes={self.num_genes} but gene_names has {len(self.gene_names)} entries"
+                )
+            dup = _duplicates(self.gene_names)
+            if dup:
+                raise ValueError(f"gene_names has duplicates: {dup[:5]}")
+        if self.num_genes <= 0:
+            raise ValueError(f"num_genes must be positive, got {self.num_genes}")
+        for cov in COVARIATES:
+            dup = _duplicates(self.vocabulary(cov))
+            if dup:
+                raise ValueError(f"{cov}_names has duplicates: {dup[:5]}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.beta_schedule not in _BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {_BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.output_activation not in _OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"output_activation must be one of {_OUTPUT_ACTIVATIONS}, got {self.output_activation!r}"
+            )
+        if self.perturbation_feature_dim < 0:
+            raise ValueError("perturbation_feature_dim must be >= 0")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, preset: str, **kwargs) -> "PerturbDiffConfig":
+        """A config with the sizes of a named preset (``debug``, ``small``, ``base``, ``large``);
+        keyword arguments override any field."""
+        if preset not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return cls(**{**MODEL_PRESETS[preset], **kwargs})
+
+    # ------------------------------------------------------------------ vocabularies
+    @property
+    def norm(self) -> Normalization:
+        return Normalization.from_dict(self.normalization)
+
+    def vocabulary(self, covariate: str) -> list[str]:
+        if covariate not in COVARIATES:
+            raise ValueError(f"unknown covariate {covariate!r}; one of {COVARIATES}")
+        return getattr(self, f"{covariate}_names")
+
+    def num_ids(self, covariate: str) -> int:
+        """Embedding rows for a covariate: its vocabulary plus the null id."""
+        return len(self.vocabulary(covariate)) + 1
+
+    def encode(self, covariate: str, names: str | Iterable[str | None]) -> torch.Tensor:
+        """Map names to ids (a LongTensor). ``None`` maps to the null id; unknown names raise."""
+        if isinstance(names, str):
+            names = [names]
+        names = list(names)
+        lookup = {n: i + 1 for i, n in enumerate(self.vocabulary(covariate))}
+        unknown = sorted({str(n) for n in names if n is not None and n not in lookup})
+        if unknown:
+            known = self.vocabulary(covariate)
+            shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
+            raise ValueError(
+                f"unknown {covariate} name(s) {unknown[:10]} (the model knows {len(known)}: {shown})"
+            )
+        return torch.tensor([NULL_ID if n is None else lookup[n] for n in names], dtype=torch.long)
+
+    def decode(self, covariate: str, ids: Iterable[int]) -> list[str | None]:
+        vocab = self.vocabulary(covariate)
+        return [None if int(i) == NULL_ID else vocab[int(i) - 1] for i in ids]
+
+    def check_genes(self, gene_names: Sequence[str]) -> None:
+        """Raise ``ValueError`` unless ``gene_names`` is exactly the model's gene vocabulary, in order."""
+        gene_names = list(gene_names)
+        if self.gene_names is None:
+            if len(gene_names) != self.num_genes:
+                raise ValueError(f"data has {len(gene_names)} genes, the model takes {self.num_genes}")
+            return
+        if gene_names == self.gene_names:
+            return
+        ours = set(self.gene_names)
+        shared = sum(g in ours for g in gene_names)
+        missing = [g for g in self.gene_names if g not in set(gene_names)]
+        raise ValueError(
+            f"genes do not match the model: data has {len(gene_names)} genes, model {self.num_genes}; "
+            f"{shared} shared, {len(missing)} of the model's genes missing from the data"
+            + (f" (e.g. {missing[:5]})" if missing else "")
+            + ("; same genes in another order: reorder the data to the model's gene_names" if not missing and shared == self.num_genes == len(gene_names) else "")
+        )
+
+
+def _duplicates(names: Sequence[str]) -> list[str]:
+    seen, dup = set(), []
+    for n in names:
+        if n in seen:
+            dup.append(n)
+        seen.add(n)
+    return dup
