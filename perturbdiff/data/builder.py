@@ -1,0 +1,587 @@
+"""The atlas builder: ``.h5ad`` files, AnnData objects or Tahoe-layout parquet → one grouped Zarr atlas.
+
+The build streams in two passes and never loads X:
+
+1. obs only: map the user's columns onto the standard ones (dataset, context, perturbation, dose,
+   batch), validate them (columns exist, the control label exists, every context with perturbed
+   cells has controls), and compute each cell's group and its destination row by sorting cell
+   *indices* by group.
+2. X in blocks of ``block_cells`` destination rows: read the needed input rows in contiguous windows,
+   validate the counts (non-negative, finite; or invert a declared log1p), shuffle cells within the
+   block (so that any contiguous window of a group is a random subset of it), accumulate per-gene
+   statistics for the highly-variable-gene flags, and append the block to the store.
+
+Memory is bounded by the block size plus a few bytes of metadata per cell (group codes and the
+sort order), never by X. The store is written to a temporary sibling and renamed into place only
+once complete (see `AtlasWriter`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .sources import open_sources
+from .store import GROUP_KEYS, AtlasWriter
+
+__all__ = ["build_atlas", "highly_variable_genes"]
+
+_NA = "NA"
+_STATS_TARGET = 1e4  # per-cell total used for the gene statistics behind the HVG flags
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("perturbdiff")
+    except Exception:
+        return "unknown"
+
+
+def _show(values, limit: int = 30) -> str:
+    values = [str(v) for v in values]
+    more = f" ... (+{len(values) - limit} more)" if len(values) > limit else ""
+    return "[" + ", ".join(repr(v) for v in values[:limit]) + "]" + more
+
+
+def _categorical(values, *, missing: str | None, what: str, source: str) -> pd.Categorical:
+    """A column as a categorical of strings; missing values become ``missing`` or raise."""
+    cat = values if isinstance(values, pd.Categorical) else pd.Categorical(values)
+    cat = cat.rename_categories([str(c) for c in cat.categories]) if len(cat.categories) else cat
+    if (cat.codes < 0).any():
+        if missing is None:
+            raise ValueError(f"{source}: {(cat.codes < 0).sum()} cells have no value in the {what} column")
+        if missing not in cat.categories:
+            cat = cat.add_categories([missing])
+        cat = cat.fillna(missing)
+    return cat
+
+
+def _column(src, key: str | None, *, role: str, flag: str, default: str, missing: str | None):
+    if key is None:
+        return pd.Categorical.from_codes(np.zeros(src.num_cells, dtype=np.int8), categories=[default])
+    if key not in src.obs_columns:
+        raise ValueError(f"{src.name}: obs has no column '{key}' ({flag}); columns present: {_show(src.obs_columns, 200)}")
+    return _categorical(src.obs_column(key), missing=missing, what=f"{role} ('{key}')", source=src.name)
+
+
+def _dose(src, key: str | None) -> np.ndarray:
+    if key is None:
+        return np.zeros(src.num_cells, dtype=np.float64)
+    if key not in src.obs_columns:
+        raise ValueError(f"{src.name}: obs has no column '{key}' (--dose-key); columns present: {_show(src.obs_columns, 200)}")
+    raw = pd.Series(np.asarray(src.obs_column(key), dtype=object))
+    num = pd.to_numeric(raw, errors="coerce")
+    bad = num.isna() & raw.notna()
+    if bad.any():
+        raise ValueError(f"{src.name}: dose column '{key}' has non-numeric values, e.g. {_show(raw[bad].unique()[:5])}")
+    return num.fillna(0.0).to_numpy(dtype=np.float64)  # controls often have no dose: 0
+
+
+def _union_codes(cats: list[pd.Categorical]) -> tuple[list[np.ndarray], list[str]]:
+    names = sorted(set().union(*[set(c.categories) for c in cats]))
+    return [pd.Categorical(c, categories=names).codes.astype(np.int64) for c in cats], names
+
+
+def highly_variable_genes(mean: np.ndarray, var: np.ndarray, n_top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seurat-flavour HVG selection from per-gene mean/variance of total-normalised expression.
+
+    Dispersion var/mean is log-transformed and z-scored within 20 bins of log1p(mean); the ``n_top``
+    genes with the highest normalised dispersion are flagged. Returns (dispersion_norm, flags).
+    """
+    g = len(mean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disp = np.where(mean > 0, var / np.maximum(mean, 1e-12), np.nan)
+        disp[disp == 0] = np.nan
+        disp = np.log(disp)
+    bins = pd.cut(np.log1p(mean), bins=20)
+    df = pd.DataFrame({"d": disp, "bin": bins})
+    stats = df.groupby("bin", observed=False)["d"].agg(["mean", "std"])
+    mu = stats["mean"].reindex(bins).to_numpy()
+    sd = stats["std"].reindex(bins).to_numpy()
+    single = np.isnan(sd)  # a bin with one gene: scanpy's convention gives it normalised dispersion 1
+    sd = np.where(single, np.where(np.isnan(mu), 1.0, np.abs(mu) + 1e-12), sd)
+    mu = np.where(single, 0.0, mu)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = (disp - mu) / np.where(sd > 0, sd, np.nan)
+    score = np.nan_to_num(norm, nan=-np.inf)
+    top = np.argsort(-score, kind="stable")[:n_top]
+    flags = np.zeros(g, dtype=bool)
+    flags[top[np.isfinite(score[top])]] = True
+    if g <= n_top:  # fewer genes than asked for: keep them all
+        flags[:] = True
+    return np.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32), flags
+
+
+class _CountsCleaner:
+    """Validates one source's blocks and brings them into the atlas's gene order and count space."""
+
+    def __init__(self, src, gene_map: np.ndarray | None, input_log1p: bool, obs_names: np.ndarray):
+        self.src = src
+        self.gene_map = gene_map
+        self.input_log1p = input_log1p
+        self.obs_names = obs_names
+        self.non_integer_cells = 0
+        self._checked_integer = False
+
+    def __call__(self, m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+        m = sp.csr_matrix(m, dtype=np.float32)
+        m.sum_duplicates()
+        d = m.data
+        bad = ~np.isfinite(d) | (d < 0)
+        if bad.any():
+            row = int(np.searchsorted(m.indptr, np.flatnonzero(bad)[0], side="right") - 1)
+            kind = "non-finite" if not np.isfinite(d[bad]).all() else "negative"
+            raise ValueError(
+                f"{self.src.name}: X has {kind} values (first in cell {self.obs_names[rows[row]]!r}); raw, "
+                "non-negative counts are expected (declare log1p-normalised input with input_log1p=True / --input-log1p)"
+            )
+        if self.input_log1p:
+            m = self._invert_log1p(m)
+        elif not self._checked_integer and len(d):
+            self._checked_integer = True
+            if np.any(d != np.round(d)):
+                warnings.warn(
+                    f"{self.src.name}: X has non-integer values; stored as given. If it is log1p-normalised, "
+                    "pass input_log1p=True (--input-log1p).",
+                    stacklevel=3,
+                )
+        if self.gene_map is not None:
+            m.indices = self.gene_map[m.indices].astype(np.int32)
+            m.has_sorted_indices = False
+            m.sort_indices()
+        m.eliminate_zeros()
+        return m
+
+    def _invert_log1p(self, m: sp.csr_matrix) -> sp.csr_matrix:
+        # log1p(c / total * T) -> expm1 gives c * (T / total): proportional to the counts of the cell.
+        # Dividing by the smallest non-zero gives c / c_min; the smallest multiplier k that makes the
+        # row integral is c_min (1 for nearly every UMI profile), which recovers the counts exactly.
+        d = np.expm1(m.data.astype(np.float64))
+        lens = np.diff(m.indptr)
+        starts = m.indptr[:-1]
+        nonempty = lens > 0
+        rowmin = np.ones(len(lens))
+        rowmin[nonempty] = np.minimum.reduceat(np.where(d > 0, d, np.inf), starts[nonempty])
+        rel = d / np.repeat(rowmin, lens)
+        mult = np.zeros(len(lens))
+        mult[~nonempty] = 1.0
+        for k in range(1, _MAX_MIN_COUNT + 1):
+            todo = np.flatnonzero((mult == 0) & nonempty)
+            if not len(todo):
+                break
+            c = rel * k
+            near = np.abs(c - np.round(c)) <= 1e-4 * np.maximum(1.0, c)  # float32 log1p keeps ~1e-6
+            ok = np.logical_and.reduceat(near, starts[nonempty])[np.searchsorted(np.flatnonzero(nonempty), todo)]
+            mult[todo[ok]] = k
+        integral = mult > 0
+        self.non_integer_cells += int((~integral).sum())
+        counts = rel * np.repeat(np.where(integral, mult, 1.0), lens)
+        counts = np.where(np.repeat(integral, lens), np.round(counts), counts)
+        return sp.csr_matrix((counts.astype(np.float32), m.indices, m.indptr), shape=m.shape)
+
+
+# Largest smallest-count tried when recovering counts from log1p input.
+_MAX_MIN_COUNT = 64
+
+
+def build_atlas(
+    inputs,
+    output,
+    *,
+    perturbation_key: str | None = "perturbation",
+    control_label: str = "control",
+    context_key: str | None = None,
+    batch_key: str | None = None,
+    dose_key: str | None = None,
+    dataset_key: str | None = None,
+    dataset_name: str | None = None,
+    layer: str | None = None,
+    gene_key: str | None = None,
+    input_log1p: bool = False,
+    genes_column: str = "genes",
+    expressions_column: str = "expressions",
+    gene_metadata=None,
+    gene_id_column: str = "token_id",
+    gene_name_column: str = "gene_symbol",
+    obs_names_key: str | None = None,
+    n_top_genes: int = 2000,
+    block_cells: int = 16384,
+    chunk_elems: int = 65536,
+    shard_chunks: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build a grouped Zarr atlas from ``.h5ad`` files, folders of them, AnnData objects or parquet.
+
+    Args:
+        inputs: a path or a list of paths (``.h5ad``, ``.parquet`` or folders of them) or AnnData objects.
+        output: the atlas to write (``*.zarr``).
+        perturbation_key: obs column with the perturbation; None for an unperturbed atlas (every cell
+            is then labelled ``control_label`` and counts as a control).
+        control_label: the perturbation label of control cells (must occur; every (dataset, context)
+            with perturbed cells must have controls).
+        context_key, batch_key: obs columns for the context (cell type / line) and batch; None gives "NA".
+        dose_key: numeric obs column with the dose (missing → 0); None gives dose 0.
+        dataset_key: obs column naming the dataset; else ``dataset_name``; else each file's stem.
+        layer: read counts from ``layers[layer]`` or ``raw`` (``"raw"``) instead of X.
+        gene_key: var column with gene names (default: var's index). Names must be unique, and every
+            input must have the same gene set (in any order).
+        input_log1p: X holds ``log1p`` of total-normalised counts; counts are recovered per cell as
+            ``expm1(x)`` rescaled so the row is integral with the smallest possible minimum (exact
+            for UMI profiles whose counts have no common factor, i.e. virtually all); cells that stay
+            non-integral are kept rescaled and counted in the store's metadata.
+        genes_column, expressions_column, gene_metadata, gene_id_column, gene_name_column,
+            obs_names_key: parquet (Tahoe-100M layout) options, see `ParquetSource`.
+        n_top_genes: how many highly variable genes to flag in ``var["highly_variable"]``.
+        block_cells: cells per streamed block (bounds the builder's memory).
+        chunk_elems, shard_chunks: Zarr chunking of X (values per chunk, chunks per shard file).
+        seed: seed of the within-group shuffle.
+        overwrite: replace an existing atlas at ``output``.
+        progress: show a progress bar.
+
+    Returns:
+        The path of the complete atlas.
+    """
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    parquet_options = dict(
+        genes_column=genes_column,
+        expressions_column=expressions_column,
+        gene_metadata=gene_metadata,
+        gene_id_column=gene_id_column,
+        gene_name_column=gene_name_column,
+        obs_names_key=obs_names_key,
+    )
+    sources = open_sources(inputs, layer=layer, gene_key=gene_key, parquet_options=parquet_options)
+    spool = None
+    try:
+        # ---- pass 1: obs → groups and destination rows ------------------------------------------
+        cols = {k: [] for k in ("dataset", "context", "perturbation", "batch")}
+        doses, names = [], []
+        for i, src in enumerate(sources):
+            if dataset_key is not None:
+                cols["dataset"].append(
+                    _column(src, dataset_key, role="dataset", flag="--dataset-key", default="", missing=None)
+                )
+            else:
+                default = dataset_name or (src.path.stem if src.path is not None else f"dataset{i}")
+                cols["dataset"].append(pd.Categorical.from_codes(np.zeros(src.num_cells, np.int8), categories=[default]))
+            cols["context"].append(_column(src, context_key, role="context", flag="--context-key", default=_NA, missing=_NA))
+            cols["batch"].append(_column(src, batch_key, role="batch", flag="--batch-key", default=_NA, missing=_NA))
+            cols["perturbation"].append(
+                _column(src, perturbation_key, role="perturbation", flag="--perturbation-key", default=control_label, missing=None)
+            )
+            doses.append(_dose(src, dose_key))
+            names.append(src.obs_names())
+        n_total = sum(s.num_cells for s in sources)
+        if n_total == 0:
+            raise ValueError("the inputs have no cells")
+
+        codes, cats = {}, {}
+        for k, parts in cols.items():
+            per_source, cats[k] = _union_codes(parts)
+            codes[k] = np.concatenate(per_source)
+        del cols
+        if control_label not in cats["perturbation"]:
+            raise ValueError(
+                f"control label {control_label!r} (--control-label) not found in perturbation column "
+                f"'{perturbation_key}'; labels seen: {_show(cats['perturbation'])}"
+            )
+        dose_all = np.concatenate(doses)
+        cats["dose"], codes["dose"] = np.unique(dose_all, return_inverse=True)
+        del doses, dose_all
+        sizes = [len(cats[k]) for k in GROUP_KEYS]
+        if np.prod([float(s) for s in sizes]) >= 2.0**62:
+            raise ValueError("too many distinct covariate values to index groups")
+        key = np.zeros(n_total, dtype=np.int64)
+        for k, size in zip(GROUP_KEYS, sizes):
+            key = key * size + codes[k]
+        group_keys, gid = np.unique(key, return_inverse=True)  # sorted = lexicographic by names
+        del key, codes
+        parts, rest = {}, group_keys.copy()
+        for k, size in zip(reversed(GROUP_KEYS), reversed(sizes)):
+            parts[k], rest = rest % size, rest // size
+        counts = np.bincount(gid, minlength=len(group_keys))
+        control_code = cats["perturbation"].index(control_label)
+        is_control = parts["perturbation"] == control_code
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        groups = pd.DataFrame(
+            {
+                "dataset": np.asarray(cats["dataset"], dtype=object)[parts["dataset"]],
+                "context": np.asarray(cats["context"], dtype=object)[parts["context"]],
+                "perturbation": np.asarray(cats["perturbation"], dtype=object)[parts["perturbation"]],
+                "dose": cats["dose"][parts["dose"]].astype(np.float64),
+                "batch": np.asarray(cats["batch"], dtype=object)[parts["batch"]],
+                "is_control": is_control,
+                "start": starts[:-1].astype(np.int64),
+                "stop": starts[1:].astype(np.int64),
+            }
+        )
+        groups.index = groups.index.astype(str)
+        _check_controls(groups, control_label)
+
+        # ---- genes ------------------------------------------------------------------------------
+        gene_names = None
+        gene_maps = []
+        for src in sources:
+            g = src.gene_names()
+            dup = pd.Index(g)[pd.Index(g).duplicated()]
+            if len(dup):
+                raise ValueError(
+                    f"{src.name}: gene names are not unique ({len(dup)} duplicates, e.g. {_show(dup.unique()[:5])}); "
+                    "use --gene-key to pick a unique var column (e.g. Ensembl ids)"
+                )
+            if gene_names is None:
+                gene_names = g
+                gene_maps.append(None)
+                continue
+            if len(g) != len(gene_names) or set(g) != set(gene_names):
+                missing = len(set(gene_names) - set(g))
+                extra = len(set(g) - set(gene_names))
+                raise ValueError(
+                    f"{src.name}: its genes differ from {sources[0].name}'s ({missing} missing, {extra} extra); "
+                    "inputs of one atlas must share their genes - build separate atlases and let the loader map "
+                    "them into a shared vocabulary"
+                )
+            gene_maps.append(None if np.array_equal(g, gene_names) else pd.Index(gene_names).get_indexer(g).astype(np.int32))
+        num_genes = len(gene_names)
+
+        # ---- pass 2: X in blocks of destination rows ----------------------------------------------
+        src_offsets = np.concatenate([[0], np.cumsum([s.num_cells for s in sources])]).astype(np.int64)
+        cleaners = [_CountsCleaner(s, gm, input_log1p, nm) for s, gm, nm in zip(sources, gene_maps, names)]
+        # Destination order: by group, then shuffled within each group's part of each block, so that a
+        # contiguous window of a group is a random subset of it.
+        final_cells = np.argsort(gid, kind="stable")
+        rng = np.random.default_rng(seed)
+        for a in range(0, n_total, block_cells):
+            cells = final_cells[a : a + block_cells]
+            final_cells[a : a + block_cells] = cells[np.lexsort((rng.random(len(cells)), gid[cells]))]
+        del gid
+        src_of_row = np.searchsorted(src_offsets, final_cells, side="right") - 1
+        spooled = _scattered_sources(sources, final_cells - src_offsets[src_of_row], src_of_row, block_cells)
+        totals = np.empty(n_total, dtype=np.float32)
+        g_sum = np.zeros(num_genes)
+        g_sq = np.zeros(num_genes)
+        g_n = np.zeros(num_genes, dtype=np.int64)
+        with AtlasWriter(
+            output, num_genes=num_genes, chunk_elems=chunk_elems, shard_chunks=shard_chunks, overwrite=overwrite
+        ) as writer:
+            if spooled:
+                spool = _Spool(writer.path.parent / f".{writer.path.name}.spool-{writer.tmp.name[-8:]}")
+                dest = np.empty(n_total, dtype=np.int64)
+                dest[final_cells] = np.arange(n_total)
+                for s in spooled:
+                    src = sources[s]
+                    bar = tqdm(total=src.num_cells, unit="cell", unit_scale=True, disable=not progress, desc=f"bucket {Path(src.name).name}")
+                    for r0 in range(0, src.num_cells, block_cells):
+                        rows = np.arange(r0, min(r0 + block_cells, src.num_cells))
+                        m = cleaners[s](src.read_rows(rows), rows)
+                        d = dest[src_offsets[s] + rows]
+                        blk = d // block_cells
+                        for bid in np.unique(blk):
+                            sel = np.flatnonzero(blk == bid)
+                            spool.write(int(bid), d[sel] % block_cells, m[sel])
+                        bar.update(len(rows))
+                    bar.close()
+                del dest
+            bar = tqdm(total=n_total, unit="cell", unit_scale=True, disable=not progress, desc=f"build {output.name}")
+            for a in range(0, n_total, block_cells):
+                b = min(a + block_cells, n_total)
+                cells = final_cells[a:b]
+                src_of = src_of_row[a:b]
+                mats, placed = [], []
+                for s in np.unique(src_of):
+                    if s in spooled:
+                        continue
+                    pos = np.flatnonzero(src_of == s)
+                    rows = cells[pos] - src_offsets[s]
+                    o = np.argsort(rows, kind="stable")
+                    mats.append(cleaners[s](sources[s].read_rows(rows[o]), rows[o]))
+                    placed.append(pos[o])
+                if spool is not None:
+                    pos, m = spool.read(a // block_cells, num_genes)
+                    if len(pos):
+                        mats.append(m)
+                        placed.append(pos)
+                block = mats[0] if len(mats) == 1 else sp.vstack(mats, format="csr")
+                inverse = np.empty(b - a, dtype=np.int64)
+                inverse[np.concatenate(placed)] = np.arange(b - a)
+                if not np.array_equal(inverse, np.arange(b - a)):
+                    block = block[inverse]
+                block.sort_indices()
+                totals[a:b] = _accumulate_gene_stats(block, g_sum, g_sq, g_n)
+                writer.append(block.indptr, block.indices, block.data)
+                bar.update(b - a)
+            bar.close()
+            if spool is not None:
+                spool.close()
+
+            mean = g_sum / n_total
+            var = np.maximum(g_sq / n_total - mean**2, 0.0) * (n_total / max(n_total - 1, 1))
+            disp_norm, hv = highly_variable_genes(mean, var, n_top_genes)
+            var_df = pd.DataFrame(
+                {
+                    "n_cells": g_n,
+                    "mean": mean.astype(np.float32),
+                    "variance": var.astype(np.float32),
+                    "dispersion_norm": disp_norm,
+                    "highly_variable": hv,
+                },
+                index=pd.Index(np.asarray(gene_names, dtype=object).astype(str), name=None),
+            )
+            all_names = np.concatenate(names)
+            if not pd.Index(all_names).is_unique:
+                # cell names repeat across inputs (e.g. barcodes): qualify them with their input's name
+                src_tag = np.repeat(
+                    [(s.path.stem if s.path is not None else s.name) for s in sources], [s.num_cells for s in sources]
+                )
+                all_names = np.char.add(np.char.add(src_tag.astype(str), ":"), all_names.astype(str)).astype(object)
+            group_of_row = np.repeat(np.arange(len(groups)), counts)
+            obs = pd.DataFrame(
+                {
+                    k: pd.Categorical.from_codes(parts[k][group_of_row].astype(np.int32), categories=list(cats[k]))
+                    for k in ("dataset", "context", "perturbation", "batch")
+                },
+                index=pd.Index(np.asarray(all_names, dtype=object)[final_cells].astype(str)),
+            )
+            obs["dose"] = groups["dose"].to_numpy()[group_of_row].astype(np.float32)
+            obs["is_control"] = is_control[group_of_row]
+            obs["total_counts"] = totals
+            obs["group"] = group_of_row.astype(np.int32)
+            metadata = {
+                "perturbdiff_version": _version(),
+                "control_label": control_label,
+                "columns": {
+                    "perturbation": perturbation_key,
+                    "context": context_key,
+                    "batch": batch_key,
+                    "dose": dose_key,
+                    "dataset": dataset_key,
+                    "dataset_name": dataset_name,
+                },
+                "sources": [
+                    {
+                        "name": s.name,
+                        "kind": s.kind,
+                        "layer": s.layer,
+                        "num_cells": int(s.num_cells),
+                        "input_transform": "log1p" if input_log1p else "counts",
+                        "non_integer_cells": int(c.non_integer_cells),
+                    }
+                    for s, c in zip(sources, cleaners)
+                ],
+                "build": {"block_cells": block_cells, "seed": seed, "n_top_genes": n_top_genes},
+            }
+            return writer.finish(obs=obs, var=var_df, groups=groups, metadata=metadata)
+    finally:
+        for s in sources:
+            s.close()
+        if spool is not None:
+            spool.close()
+
+
+def _accumulate_gene_stats(block: sp.csr_matrix, g_sum, g_sq, g_n, rows_per_step: int = 4096) -> np.ndarray:
+    """Add a block's per-gene sums (of total-normalised values) in place; return the per-cell totals.
+
+    Works through the block in slices of rows so that its float64 temporaries stay small.
+    """
+    totals = np.zeros(block.shape[0], dtype=np.float64)
+    G = len(g_sum)
+    for r0 in range(0, block.shape[0], rows_per_step):
+        r1 = min(r0 + rows_per_step, block.shape[0])
+        a, b = block.indptr[r0], block.indptr[r1]
+        lens = np.diff(block.indptr[r0 : r1 + 1])
+        data, idx = block.data[a:b], block.indices[a:b]
+        tot = np.bincount(np.repeat(np.arange(r1 - r0), lens), weights=data, minlength=r1 - r0)
+        totals[r0:r1] = tot
+        scale = np.divide(_STATS_TARGET, tot, out=np.zeros_like(tot), where=tot > 0)
+        v = data * np.repeat(scale, lens)
+        g_sum += np.bincount(idx, weights=v, minlength=G)
+        g_sq += np.bincount(idx, weights=v * v, minlength=G)
+        g_n += np.bincount(idx, minlength=G)
+    return totals.astype(np.float32)
+
+
+# A source whose rows, in destination order, come in windows shorter than this on average is read
+# sequentially once into on-disk buckets (an external sort) instead of window by window.
+_MIN_MEAN_WINDOW = 32
+
+
+def _scattered_sources(sources, rows: np.ndarray, src_of: np.ndarray, block_cells: int) -> set:
+    """Sources that window-by-window reading would read almost row by row."""
+    from .sources import MAX_GAP
+
+    out = set()
+    block = np.arange(len(rows)) // block_cells
+    for s, src in enumerate(sources):
+        if src.kind == "anndata":  # in memory: random access is cheap
+            continue
+        sel = np.flatnonzero(src_of == s)
+        if len(sel) == 0:
+            continue
+        o = np.lexsort((rows[sel], block[sel]))
+        r, blk = rows[sel][o], block[sel][o]
+        windows = 1 + int(np.count_nonzero((np.diff(blk) != 0) | (np.diff(r) > MAX_GAP)))
+        if len(sel) / windows < _MIN_MEAN_WINDOW:
+            out.add(s)
+    return out
+
+
+class _Spool:
+    """Rows bucketed on disk by destination block: one append-only file of CSR records per block."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True)
+
+    def write(self, block: int, positions: np.ndarray, m: sp.csr_matrix) -> None:
+        with open(self.folder / f"{block}.bin", "ab") as f:
+            f.write(np.array([len(positions), m.nnz], dtype=np.int64).tobytes())
+            f.write(np.asarray(positions, dtype=np.int64).tobytes())
+            f.write(np.diff(m.indptr).astype(np.int64).tobytes())
+            f.write(m.indices.astype(np.int32).tobytes())
+            f.write(m.data.astype(np.float32).tobytes())
+
+    def read(self, block: int, num_genes: int) -> tuple[np.ndarray, sp.csr_matrix]:
+        path = self.folder / f"{block}.bin"
+        if not path.exists():
+            return np.zeros(0, dtype=np.int64), sp.csr_matrix((0, num_genes), dtype=np.float32)
+        buf = path.read_bytes()
+        path.unlink()  # each bucket is read once: free the disk as the build goes
+        pos, lens, idx, dat, off = [], [], [], [], 0
+        while off < len(buf):
+            n, nnz = np.frombuffer(buf, dtype=np.int64, count=2, offset=off)
+            off += 16
+            for store, dtype, count in ((pos, np.int64, n), (lens, np.int64, n), (idx, np.int32, nnz), (dat, np.float32, nnz)):
+                store.append(np.frombuffer(buf, dtype=dtype, count=int(count), offset=off))
+                off += int(count) * np.dtype(dtype).itemsize
+        lens = np.concatenate(lens)
+        indptr = np.concatenate([[0], np.cumsum(lens)])
+        m = sp.csr_matrix((np.concatenate(dat), np.concatenate(idx), indptr), shape=(len(lens), num_genes))
+        return np.concatenate(pos), m
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _check_controls(groups: pd.DataFrame, control_label: str) -> None:
+    by = groups.groupby(["dataset", "context"], sort=True)["is_control"]
+    has_ctrl = by.any()
+    has_pert = (~groups["is_control"]).groupby([groups["dataset"], groups["context"]], sort=True).any()
+    lacking = has_pert & ~has_ctrl
+    if lacking.any():
+        where = [f"{d}/{c}" for d, c in lacking[lacking].index]
+        raise ValueError(
+            f"no control cells (label {control_label!r}) in {len(where)} (dataset/context) with perturbed cells: "
+            f"{_show(where)}; every context with perturbed cells needs its controls"
+        )

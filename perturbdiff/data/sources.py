@@ -1,0 +1,387 @@
+"""Input readers for the atlas builder: ``.h5ad`` files (read backed, row windows at a time),
+in-memory AnnData objects, and Hugging Face ``datasets`` parquet in the Tahoe-100M layout.
+
+Every source exposes the same small interface: ``num_cells``, ``obs_columns``, ``obs_column(name)``,
+``obs_names()``, ``gene_names()`` and ``read_rows(rows)``, which returns the given (ascending) rows as
+a float32 CSR matrix. ``read_rows`` reads contiguous windows of rows, so that when the input is
+already roughly grouped the builder reads it sequentially; scattered rows cost more reads, never more
+memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = ["H5adSource", "AnnDataSource", "ParquetSource", "open_sources", "row_windows"]
+
+# Rows further apart than this are read as separate windows; closer ones share a read (at most
+# MAX_GAP unneeded rows are read per needed row, which bounds the waste).
+MAX_GAP = 4
+# Rows per window read, so a window's transient memory is bounded whatever the input's size.
+MAX_WINDOW_ROWS = 8192
+# Dense inputs are read in windows of at most this many bytes.
+DENSE_WINDOW_BYTES = 64 << 20
+
+
+def row_windows(rows: np.ndarray, max_gap: int = MAX_GAP, max_rows: int = MAX_WINDOW_ROWS):
+    """Split ascending row numbers into windows ``(first, last, positions)`` read with one read each."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) > max_gap) + 1
+    out = []
+    for seg in np.split(np.arange(len(rows)), breaks):
+        # further split long segments so each read stays bounded
+        for i in range(0, len(seg), max_rows):
+            pos = seg[i : i + max_rows]
+            out.append((int(rows[pos[0]]), int(rows[pos[-1]]), pos))
+    return out
+
+
+def _csr(data, indices, indptr, shape) -> sp.csr_matrix:
+    m = sp.csr_matrix((np.asarray(data, dtype=np.float32), np.asarray(indices), np.asarray(indptr)), shape=shape)
+    return m
+
+
+def _as_str(values) -> np.ndarray:
+    """Object array of str; missing values become None."""
+    s = pd.Series(values)
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        s = s.astype(object)
+    mask = s.isna().to_numpy()
+    out = s.astype(str).to_numpy(dtype=object)
+    out[mask] = None
+    return out
+
+
+class H5adSource:
+    """An ``.h5ad`` file read backed through h5py: obs columns one by one, X in row windows.
+
+    Args:
+        path: the file.
+        layer: None for ``X``, ``"raw"`` for ``raw/X`` (with ``raw/var``), or a ``layers`` key.
+        gene_key: a var column holding the gene names (default: var's index).
+    """
+
+    kind = "h5ad"
+
+    def __init__(self, path, *, layer: str | None = None, gene_key: str | None = None):
+        import h5py
+
+        self.path = Path(path)
+        self.name = str(self.path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"input {self.path} does not exist")
+        # A large chunk cache makes scattered row reads from compressed files hit decoded chunks.
+        self.file = h5py.File(self.path, "r", rdcc_nbytes=16 << 20, rdcc_nslots=10007)
+        f = self.file
+        if layer in (None, "X"):
+            xkey, vkey = "X", "var"
+        elif layer == "raw":
+            xkey, vkey = "raw/X", "raw/var"
+        else:
+            xkey, vkey = f"layers/{layer}", "var"
+        if xkey not in f:
+            present = ["X"] + (["raw"] if "raw" in f else []) + [f"layers/{k}" for k in f.get("layers", {})]
+            raise ValueError(f"{self.name}: no matrix '{xkey}' (layer={layer!r}); matrices present: {present}")
+        self.layer = layer
+        self._vkey = vkey
+        self._gene_key = gene_key
+        X = f[xkey]
+        enc = X.attrs.get("encoding-type", X.attrs.get("h5sparse_format", "array"))
+        enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+        if isinstance(X, h5py.Group):
+            if enc in ("csc_matrix", "csc"):
+                raise ValueError(
+                    f"{self.name}: '{xkey}' is stored as CSC, which cannot be read cell by cell in bounded memory; "
+                    "convert it to CSR first (e.g. adata.X = adata.X.tocsr(); adata.write_h5ad(...))"
+                )
+            self.sparse = True
+            self._indptr, self._indices, self._data = X["indptr"], X["indices"], X["data"]
+            shape = X.attrs["shape"]
+            self.num_cells, self.num_genes = int(shape[0]), int(shape[1])
+        else:
+            self.sparse = False
+            self._X = X
+            self.num_cells, self.num_genes = (int(v) for v in X.shape)
+        self._obs = f["obs"]
+
+    # -- obs / var ---------------------------------------------------------------------------------
+
+    @property
+    def obs_columns(self) -> list[str]:
+        order = self._obs.attrs.get("column-order", [])
+        return [str(c) for c in order] if len(order) else [k for k in self._obs.keys() if k != self._index_key()]
+
+    def _index_key(self) -> str:
+        return str(self._obs.attrs.get("_index", "_index"))
+
+    def obs_column(self, name: str):
+        from anndata.io import read_elem
+
+        return read_elem(self._obs[name])
+
+    def obs_names(self) -> np.ndarray:
+        from anndata.io import read_elem
+
+        return _as_str(read_elem(self._obs[self._index_key()]))
+
+    def gene_names(self) -> np.ndarray:
+        from anndata.io import read_elem
+
+        var = self.file[self._vkey]
+        key = self._gene_key or str(var.attrs.get("_index", "_index"))
+        if key not in var:
+            cols = [str(c) for c in var.attrs.get("column-order", [])]
+            raise ValueError(f"{self.name}: var has no column '{key}' (--gene-key); columns present: {cols}")
+        return _as_str(read_elem(var[key]))
+
+    # -- X -----------------------------------------------------------------------------------------
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        parts = []
+        for first, last, pos in row_windows(rows):
+            local = rows[pos] - first
+            if self.sparse:
+                ip = self._indptr[first : last + 2].astype(np.int64)
+                a, b = int(ip[0]), int(ip[-1])
+                m = _csr(self._data[a:b], self._indices[a:b], ip - a, (last - first + 1, self.num_genes))
+                parts.append(m[local] if len(local) != last - first + 1 else m)
+            else:
+                step = max(1, DENSE_WINDOW_BYTES // (4 * max(self.num_genes, 1)))
+                for i in range(0, len(local), step):
+                    sub = local[i : i + step]
+                    block = np.asarray(self._X[first + sub[0] : first + sub[-1] + 1], dtype=np.float32)
+                    parts.append(sp.csr_matrix(block[sub - sub[0]]))
+        if not parts:
+            return sp.csr_matrix((0, self.num_genes), dtype=np.float32)
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class AnnDataSource:
+    """An AnnData object in memory (used by the synthetic recipe and by Python callers)."""
+
+    kind = "anndata"
+
+    def __init__(self, adata, *, name: str = "adata", layer: str | None = None, gene_key: str | None = None):
+        self.adata = adata
+        self.name = name
+        self.path = None
+        if layer in (None, "X"):
+            X, var = adata.X, adata.var
+        elif layer == "raw":
+            if adata.raw is None:
+                raise ValueError(f"{name}: layer='raw' but the AnnData has no .raw")
+            X, var = adata.raw.X, adata.raw.var
+        else:
+            if layer not in adata.layers:
+                raise ValueError(f"{name}: no layer '{layer}'; layers present: {list(adata.layers)}")
+            X, var = adata.layers[layer], adata.var
+        self.layer = layer
+        self._X = X
+        self._var = var
+        self._gene_key = gene_key
+        self.num_cells, self.num_genes = X.shape
+        self.sparse = sp.issparse(X)
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return [str(c) for c in self.adata.obs.columns]
+
+    def obs_column(self, name: str):
+        return self.adata.obs[name].to_numpy() if not isinstance(self.adata.obs[name].dtype, pd.CategoricalDtype) else self.adata.obs[name].array
+
+    def obs_names(self) -> np.ndarray:
+        return _as_str(self.adata.obs_names)
+
+    def gene_names(self) -> np.ndarray:
+        if self._gene_key is None:
+            return _as_str(self._var.index)
+        if self._gene_key not in self._var.columns:
+            raise ValueError(f"{self.name}: var has no column '{self._gene_key}' (--gene-key); columns present: {list(self._var.columns)}")
+        return _as_str(self._var[self._gene_key])
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        X = self._X[rows]
+        return sp.csr_matrix(X, dtype=np.float32) if not sp.isspmatrix_csr(X) or X.dtype != np.float32 else X
+
+    def close(self) -> None:
+        pass
+
+
+class ParquetSource:
+    """Hugging Face ``datasets`` parquet in the Tahoe-100M layout: one row per cell with a list of gene
+    ids, a parallel list of expression values, and metadata columns (drug, cell_line_id, plate, ...).
+
+    Tahoe-100M prefixes each cell's lists with a CLS token whose expression is negative (-2); a
+    negative *first* value is dropped as that token, any other negative value is invalid input.
+    Gene ids are looked up in ``gene_metadata`` (a parquet/CSV table with ``gene_id_column`` and
+    ``gene_name_column``, e.g. Tahoe's ``metadata/gene_metadata.parquet`` with ``token_id`` and
+    ``gene_symbol`` or ``ensembl_id``); without it the gene names are the ids themselves.
+
+    Args:
+        path: a ``.parquet`` file.
+        genes_column, expressions_column: the two list columns.
+        obs_names_key: a column with unique cell ids (default: ``"<file stem>:<row>"``).
+    """
+
+    kind = "parquet"
+
+    def __init__(
+        self,
+        path,
+        *,
+        genes_column: str = "genes",
+        expressions_column: str = "expressions",
+        gene_metadata=None,
+        gene_id_column: str = "token_id",
+        gene_name_column: str = "gene_symbol",
+        obs_names_key: str | None = None,
+    ):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.name = str(self.path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"input {self.path} does not exist")
+        self.layer = None
+        self.file = pq.ParquetFile(self.path)
+        schema_names = list(self.file.schema_arrow.names)
+        for col, flag in ((genes_column, "--genes-column"), (expressions_column, "--expressions-column")):
+            if col not in schema_names:
+                raise ValueError(f"{self.name}: no column '{col}' ({flag}); columns present: {schema_names}")
+        self._genes_col, self._expr_col = genes_column, expressions_column
+        self._columns = [c for c in schema_names if c not in (genes_column, expressions_column)]
+        self._obs_names_key = obs_names_key
+        self.num_cells = self.file.metadata.num_rows
+        rg_rows = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        self._rg_start = np.concatenate([[0], np.cumsum(rg_rows)]).astype(np.int64)
+        self._cache: tuple[int, sp.csr_matrix] | None = None
+        if gene_metadata is not None:
+            table = _read_table(gene_metadata)
+            for col in (gene_id_column, gene_name_column):
+                if col not in table.columns:
+                    raise ValueError(f"{gene_metadata}: no column '{col}'; columns present: {list(table.columns)}")
+            ids = table[gene_id_column].to_numpy().astype(np.int64)
+            self._gene_names = _as_str(table[gene_name_column])
+            self._lookup = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+            self._lookup[ids] = np.arange(len(ids))
+        else:
+            max_id = -1
+            for batch in self.file.iter_batches(columns=[genes_column], batch_size=65536):
+                values = batch.column(0).values.to_numpy(zero_copy_only=False)
+                if len(values):
+                    max_id = max(max_id, int(values.max()))
+            self._lookup = np.arange(max_id + 1, dtype=np.int64)
+            self._gene_names = np.array([str(i) for i in range(max_id + 1)], dtype=object)
+        self.num_genes = len(self._gene_names)
+        self.sparse = True
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return list(self._columns)
+
+    def obs_column(self, name: str):
+        return self.file.read(columns=[name]).column(0).to_pandas().to_numpy()
+
+    def obs_names(self) -> np.ndarray:
+        if self._obs_names_key is not None:
+            if self._obs_names_key not in self._columns:
+                raise ValueError(f"{self.name}: no column '{self._obs_names_key}'; columns present: {self._columns}")
+            return _as_str(self.obs_column(self._obs_names_key))
+        stem = self.path.stem
+        return np.array([f"{stem}:{i}" for i in range(self.num_cells)], dtype=object)
+
+    def gene_names(self) -> np.ndarray:
+        return self._gene_names
+
+    def _row_group(self, i: int) -> sp.csr_matrix:
+        if self._cache is not None and self._cache[0] == i:
+            return self._cache[1]
+        table = self.file.read_row_group(i, columns=[self._genes_col, self._expr_col])
+        genes = table.column(0).combine_chunks()
+        expr = table.column(1).combine_chunks()
+        offsets = genes.offsets.to_numpy().astype(np.int64)
+        offsets -= offsets[0]
+        if not np.array_equal(expr.offsets.to_numpy() - expr.offsets.to_numpy()[0], offsets):
+            raise ValueError(f"{self.name}: row group {i}: '{self._genes_col}' and '{self._expr_col}' lists differ in length")
+        gid = genes.values.to_numpy(zero_copy_only=False)[: offsets[-1]].astype(np.int64)
+        val = expr.values.to_numpy(zero_copy_only=False)[: offsets[-1]].astype(np.float32)
+        n = len(offsets) - 1
+        # Drop Tahoe's leading CLS token (negative expression in the first position).
+        lengths = np.diff(offsets)
+        first = offsets[:-1][lengths > 0]
+        cls = first[val[first] < 0]
+        if len(cls):
+            keep = np.ones(len(val), dtype=bool)
+            keep[cls] = False
+            row_of = np.repeat(np.arange(n), lengths)
+            gid, val = gid[keep], val[keep]
+            offsets = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=n))])
+        bad = (gid < 0) | (gid >= len(self._lookup))
+        col = np.full(len(gid), -1, dtype=np.int64)
+        col[~bad] = self._lookup[gid[~bad]]
+        if np.any(col < 0):
+            unknown = np.unique(gid[col < 0])[:10].tolist()
+            raise ValueError(f"{self.name}: gene ids {unknown} are not in the gene metadata")
+        m = _csr(val, col.astype(np.int32), offsets, (n, self.num_genes))
+        m.sum_duplicates()  # also sorts the gene indices of each row
+        self._cache = (i, m)
+        return m
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        parts = []
+        rg = np.searchsorted(self._rg_start, rows, side="right") - 1
+        for i in np.unique(rg):
+            sel = rows[rg == i] - self._rg_start[i]
+            parts.append(self._row_group(int(i))[sel])
+        if not parts:
+            return sp.csr_matrix((0, self.num_genes), dtype=np.float32)
+        return sp.vstack(parts, format="csr")
+
+    def close(self) -> None:
+        self._cache = None
+
+
+def _read_table(path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"gene metadata {path} does not exist")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, sep="\t" if path.suffix in (".tsv", ".txt") else ",")
+
+
+def open_sources(inputs, *, layer=None, gene_key=None, parquet_options: dict | None = None) -> list:
+    """Open the inputs: paths to ``.h5ad``/``.parquet`` files, folders of them, or AnnData objects."""
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    if not items:
+        raise ValueError("no inputs given")
+    sources = []
+    for i, item in enumerate(items):
+        if hasattr(item, "obs") and hasattr(item, "X"):
+            sources.append(AnnDataSource(item, name=f"adata{i}", layer=layer, gene_key=gene_key))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in (".h5ad", ".parquet"))
+            if not files:
+                raise FileNotFoundError(f"input folder {path} has no .h5ad or .parquet files")
+        elif path.exists():
+            files = [path]
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+        for f in files:
+            if f.suffix == ".parquet":
+                sources.append(ParquetSource(f, **(parquet_options or {})))
+            elif f.suffix == ".h5ad":
+                sources.append(H5adSource(f, layer=layer, gene_key=gene_key))
+            else:
+                raise ValueError(f"input {f}: unsupported file type (expected .h5ad or .parquet)")
+    return sources

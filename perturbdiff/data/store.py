@@ -1,0 +1,511 @@
+"""The atlas store: AnnData's on-disk Zarr (v3) layout plus a group index.
+
+An atlas is one Zarr store that ``anndata.read_zarr`` opens as an ordinary AnnData:
+
+```
+atlas.zarr/
+  zarr.json            root attributes: AnnData's encoding plus "perturbdiff" (format version,
+                       sources, build parameters, and "complete": true, written last)
+  X/                   raw counts as CSR: data float32, indices int32, indptr int64
+                       (chunked, Blosc-zstd compressed, CRC32C-checked, sharded)
+  obs/                 dataset, context, perturbation, batch (categorical), dose, is_control,
+                       total_counts, group
+  var/                 gene names (index) + per-gene statistics and "highly_variable"
+  uns/perturbdiff/groups   the group index: one row per group with its row range [start, stop)
+```
+
+The cells of one group (dataset, context, perturbation, dose, batch) are contiguous, so a cell set
+is one contiguous read of ``indptr`` and one of ``data``/``indices``.
+
+`AtlasWriter` streams CSR blocks into a temporary sibling store and renames it into place only
+after the completeness marker is written, so an interrupted build never leaves a store that looks
+complete. `Atlas` opens a store for reading and refuses incomplete, unknown or damaged stores with
+messages that name the store and the array.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GROUP_KEYS",
+    "Atlas",
+    "AtlasWriter",
+    "AtlasError",
+    "AtlasIncompleteError",
+    "AtlasCorruptError",
+    "open_atlas",
+]
+
+FORMAT_VERSION = 1
+_ATTR = "perturbdiff"
+# A group is one (dataset, context, perturbation, dose, batch); dose refines the issue's
+# (dataset, context, perturbation, batch) so that a set never mixes doses (it is 0 without a dose column).
+GROUP_KEYS = ("dataset", "context", "perturbation", "dose", "batch")
+_GROUPS_PATH = "uns/perturbdiff/groups"
+
+
+class AtlasError(ValueError):
+    """A store that is not a usable PerturbDiff atlas."""
+
+
+class AtlasIncompleteError(AtlasError):
+    """The store's build did not finish (no completeness marker)."""
+
+
+class AtlasCorruptError(AtlasError):
+    """A chunk of the store could not be read or failed its checksum."""
+
+
+def _zarr():
+    import zarr
+
+    return zarr
+
+
+def _codecs():
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    # zstd at level 3 with byte shuffle compresses integer-valued float32 counts and sorted gene
+    # indices well and decodes at GB/s; the CRC32C turns silent corruption into a read error.
+    return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
+
+
+class _Appender:
+    """Appends to a 1-D zarr array in whole shards, so each shard file is written exactly once."""
+
+    def __init__(self, array, shard_elems: int):
+        self.array = array
+        self.shard_elems = shard_elems
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def append(self, values: np.ndarray) -> None:
+        if len(values):
+            self.parts.append(np.asarray(values, dtype=self.array.dtype))
+            self.buffered += len(values)
+        if self.buffered >= self.shard_elems:
+            self._write(self.buffered // self.shard_elems * self.shard_elems)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write(self.buffered)
+
+    def _write(self, n: int) -> None:
+        buf = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        out, rest = buf[:n], buf[n:]
+        self.array.resize((self.written + n,))
+        self.array[self.written : self.written + n] = out
+        self.written += n
+        self.parts = [rest] if len(rest) else []
+        self.buffered = len(rest)
+
+
+class AtlasWriter:
+    """Streams a cells × genes CSR matrix, in final row order, into a new atlas store.
+
+    Rows are appended block by block with `append`; `finish` writes obs, var, the group index and the
+    metadata, sets the completeness marker last and renames the temporary store into place. Used as a
+    context manager, an exception removes the temporary store.
+
+    Args:
+        path: the atlas to create (conventionally ``*.zarr``).
+        num_genes: number of columns of X.
+        chunk_elems: values per compressed chunk of ``X/data`` and ``X/indices`` (a set read decodes
+            only the chunks it touches, so smaller chunks mean less wasted decoding).
+        shard_chunks: chunks per shard file (sharding keeps the file count low on large atlases).
+        overwrite: replace an existing store at ``path`` (only once the new one is complete).
+    """
+
+    def __init__(
+        self,
+        path,
+        *,
+        num_genes: int,
+        chunk_elems: int = 65536,
+        shard_chunks: int = 64,
+        indptr_chunk: int = 4096,
+        overwrite: bool = False,
+    ):
+        zarr = _zarr()
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise ValueError(f"{self.path} already exists; pass overwrite=True (--overwrite) to replace it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.num_genes = int(num_genes)
+        self.num_cells = 0
+        self.nnz = 0
+        self._closed = False
+        self.root = zarr.open_group(
+            str(self.tmp),
+            mode="w-",
+            zarr_format=3,
+            attributes={
+                "encoding-type": "anndata",
+                "encoding-version": "0.1.0",
+                _ATTR: {"format_version": FORMAT_VERSION, "complete": False},
+            },
+        )
+        X = self.root.create_group(
+            "X", attributes={"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [0, self.num_genes]}
+        )
+        self._X = X
+        cfg = {"write_empty_chunks": True}  # every chunk exists, so a missing file is detectable
+        shard = chunk_elems * shard_chunks
+        # indptr is read 257 values at a time: small chunks, many per shard (1M cells per file)
+        ip_shard = indptr_chunk * 256
+        self.layout = {
+            "chunk_elems": chunk_elems,
+            "shard_elems": shard,
+            "indptr_chunk": indptr_chunk,
+            "indptr_shard": ip_shard,
+            "codec": "blosc(zstd,3,shuffle)+crc32c",
+        }
+        mk = lambda name, dtype, c, s: X.create_array(  # noqa: E731
+            name, shape=(0,), dtype=dtype, chunks=(c,), shards=(s,), compressors=_codecs(), fill_value=0, config=cfg
+        )
+        self._data = _Appender(mk("data", "float32", chunk_elems, shard), shard)
+        self._indices = _Appender(mk("indices", "int32", chunk_elems, shard), shard)
+        self._indptr = _Appender(mk("indptr", "int64", indptr_chunk, ip_shard), ip_shard)
+        self._indptr.append(np.zeros(1, dtype=np.int64))
+
+    def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        """Append a CSR block of rows (``indptr`` starts at 0, indices sorted within each row)."""
+        indptr = np.asarray(indptr, dtype=np.int64)
+        self._data.append(np.asarray(data, dtype=np.float32))
+        self._indices.append(np.asarray(indices, dtype=np.int32))
+        self._indptr.append(indptr[1:] + self.nnz)
+        self.nnz += int(indptr[-1])
+        self.num_cells += len(indptr) - 1
+
+    def finish(self, *, obs: pd.DataFrame, var: pd.DataFrame, groups: pd.DataFrame, metadata: dict) -> Path:
+        """Write obs/var/uns and the metadata, mark the store complete, and move it into place."""
+        from anndata.io import write_elem
+
+        if len(obs) != self.num_cells or len(var) != self.num_genes:
+            raise RuntimeError(f"obs/var sizes {len(obs)}/{len(var)} do not match X {self.num_cells}x{self.num_genes}")
+        for appender in (self._data, self._indices, self._indptr):
+            appender.close()
+        self._X.attrs["shape"] = [self.num_cells, self.num_genes]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anndata's zarr-v3 autosharding notice
+            write_elem(self.root, "obs", obs)
+            write_elem(self.root, "var", var)
+            write_elem(self.root, "uns", {"perturbdiff": {"groups": groups}})
+            for name in ("obsm", "varm", "obsp", "varp", "layers"):
+                write_elem(self.root, name, {})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "num_cells": self.num_cells,
+            "num_genes": self.num_genes,
+            "nnz": self.nnz,
+            "num_groups": len(groups),
+            "layout": self.layout,
+            **metadata,
+            "complete": True,  # the completeness marker: written last, in the same update
+        }
+        self.root.attrs.update({_ATTR: meta})
+        # Swap into place; an existing atlas is removed only after the new one is complete.
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary store (nothing is left at ``path``)."""
+        if not self._closed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+_MAX_UINT64 = 2**64 - 1
+
+
+def _fast_layout(arr) -> tuple[int, int] | None:
+    """(chunk, shard) if ``arr`` has exactly the codec layout `AtlasWriter` writes, else None."""
+    meta = arr.metadata.to_dict()
+    codecs = meta.get("codecs") or ()
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or len(arr.shape) != 1:
+        return None
+    if meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}:
+        return None
+    cfg = codecs[0]["configuration"]
+    inner = [c["name"] for c in cfg["codecs"]]
+    index = [c["name"] for c in cfg["index_codecs"]]
+    little = all(c.get("configuration", {}).get("endian", "little") == "little" for c in cfg["codecs"] + cfg["index_codecs"] if c["name"] == "bytes")
+    if inner != ["bytes", "blosc", "crc32c"] or index != ["bytes", "crc32c"] or cfg["index_location"] != "end" or not little:
+        return None
+    return int(cfg["chunk_shape"][0]), int(arr.shards[0])
+
+
+class _ShardReader:
+    """Reads element ranges of one 1-D sharded array straight from its shard files.
+
+    zarr-python spends about half a millisecond of Python and asyncio overhead per read, and a cell
+    set needs six reads; for the exact layout `AtlasWriter` writes (Blosc + CRC32C chunks inside
+    shards with a CRC32C-checked index at the end) on a local store, this reader preads the shard
+    index (cached) and the needed chunks, verifies each checksum and Blosc-decodes them. Any other
+    layout or store is read through zarr.
+    """
+
+    def __init__(self, store: Path, name: str, arr, chunk: int, shard: int):
+        self.store, self.name = store, name
+        self.folder = store / name / "c"
+        self.dtype = np.dtype(arr.dtype)
+        self.length = int(arr.shape[0])
+        self.chunk, self.per_shard = chunk, shard // chunk
+        self._fds: dict[int, int] = {}
+        self._index: dict[int, np.ndarray] = {}
+
+    def _error(self, what: str, shard: int) -> AtlasCorruptError:
+        return AtlasCorruptError(f"atlas {self.store}: array '{self.name}' has a corrupt or truncated chunk ({what} in {self.name}/c/{shard})")
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= 64:  # bound open files: close the oldest
+                os.close(self._fds.pop(next(iter(self._fds))))
+            try:
+                fd = os.open(self.folder / str(shard), os.O_RDONLY)
+            except FileNotFoundError:
+                raise AtlasCorruptError(f"atlas {self.store}: array '{self.name}' is missing chunk file {self.name}/c/{shard}") from None
+            self._fds[shard] = fd
+        return fd
+
+    def _shard_index(self, shard: int) -> np.ndarray:
+        index = self._index.get(shard)
+        if index is None:
+            import google_crc32c
+
+            fd = self._fd(shard)
+            size = os.fstat(fd).st_size
+            nbytes = self.per_shard * 16 + 4
+            if size < nbytes:
+                raise self._error("file shorter than its index", shard)
+            raw = os.pread(fd, nbytes, size - nbytes)
+            if np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
+                raise self._error("index checksum mismatch", shard)
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            if len(self._index) >= 4096:
+                self._index.pop(next(iter(self._index)))
+            self._index[shard] = index
+        return index
+
+    def _chunk(self, i: int) -> np.ndarray:
+        import google_crc32c
+        from numcodecs import blosc
+
+        shard, local = divmod(i, self.per_shard)
+        offset, nbytes = (int(v) for v in self._shard_index(shard)[local])
+        if offset == _MAX_UINT64:
+            raise self._error(f"chunk {local} absent", shard)
+        raw = os.pread(self._fd(shard), nbytes, offset)
+        if len(raw) != nbytes or nbytes < 4:
+            raise self._error(f"chunk {local} truncated", shard)
+        body = raw[:-4]
+        if np.uint32(google_crc32c.value(body)).tobytes() != raw[-4:]:
+            raise self._error(f"chunk {local} checksum mismatch", shard)
+        try:
+            return np.frombuffer(blosc.decompress(body), dtype=self.dtype)
+        except Exception as err:
+            raise self._error(f"chunk {local} does not decode: {err}", shard) from err
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        c = self.chunk
+        first, last = start // c, (stop - 1) // c
+        if first == last:
+            return self._chunk(first)[start - first * c : stop - first * c].copy()
+        parts = [self._chunk(i) for i in range(first, last + 1)]
+        return np.concatenate(parts)[start - first * c : stop - first * c]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Atlas:
+    """A PerturbDiff atlas opened for reading.
+
+    Opening checks the format version, the completeness marker and (for local stores) that every
+    chunk file of X exists; it reads only the small group index and gene names, never X.
+
+    Args:
+        path: the store.
+        fast_reads: read X's shards directly (see `_ShardReader`) when the layout allows; False
+            reads every chunk through zarr.
+
+    Attributes:
+        path: the store.
+        metadata: the store's ``perturbdiff`` attributes (format version, sources, build parameters).
+        groups: DataFrame, one row per group: dataset, context, perturbation, dose, batch,
+            is_control, start, stop (its row range in X).
+        gene_names: numpy array of the gene names (var index).
+        num_cells, num_genes: X's shape.
+    """
+
+    def __init__(self, path, *, fast_reads: bool = True):
+        zarr = _zarr()
+        self.path = Path(path)
+        self.fast_reads = fast_reads
+        if not self.path.exists():
+            raise FileNotFoundError(f"atlas {self.path} does not exist")
+        try:
+            root = zarr.open_group(str(self.path), mode="r")
+        except Exception as err:  # not a zarr store at all
+            raise AtlasError(f"{self.path} is not a Zarr store: {err}") from err
+        meta = dict(root.attrs).get(_ATTR)
+        if meta is None:
+            raise AtlasError(
+                f"{self.path} is not a PerturbDiff atlas (no '{_ATTR}' attributes); build one with `perturbdiff atlas build`"
+            )
+        if not meta.get("complete", False):
+            raise AtlasIncompleteError(
+                f"atlas {self.path} is incomplete: its build did not finish (no completeness marker); "
+                "delete it and rebuild it with `perturbdiff atlas build`"
+            )
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise AtlasError(
+                f"atlas {self.path} has format version {meta.get('format_version')}; this PerturbDiff reads version "
+                f"{FORMAT_VERSION}; rebuild it"
+            )
+        self.metadata = meta
+        self._root = root
+        self.num_cells = int(meta["num_cells"])
+        self.num_genes = int(meta["num_genes"])
+        self._arrays = {}
+        for name in ("data", "indices", "indptr"):
+            try:
+                self._arrays[name] = root[f"X/{name}"]
+            except Exception as err:
+                raise AtlasCorruptError(f"atlas {self.path}: array 'X/{name}' is missing or unreadable: {err}") from err
+        self._check_chunk_files()
+        self._fast = {}
+        for name, arr in self._arrays.items():
+            layout = _fast_layout(arr) if fast_reads else None
+            if layout is not None:
+                self._fast[name] = _ShardReader(self.path, f"X/{name}", arr, *layout)
+        from anndata.io import read_elem
+
+        try:
+            self.groups = read_elem(root[_GROUPS_PATH])
+            self.var = read_elem(root["var"])
+        except Exception as err:
+            raise AtlasCorruptError(f"atlas {self.path}: cannot read the group index or var: {err}") from err
+        self.gene_names = np.asarray(self.var.index, dtype=object)
+        self.control_label = meta.get("control_label")
+
+    # -- integrity ---------------------------------------------------------------------------------
+
+    def _check_chunk_files(self) -> None:
+        # Zarr reads a missing chunk as zeros; on a local store, check every expected shard file exists.
+        for name, arr in self._arrays.items():
+            shard = (arr.shards or arr.chunks)[0]
+            expected = -(-arr.shape[0] // shard)
+            folder = self.path / "X" / name / "c"
+            missing = [i for i in range(expected) if not (folder / str(i)).is_file()]
+            if missing:
+                raise AtlasCorruptError(
+                    f"atlas {self.path}: array 'X/{name}' is missing {len(missing)} chunk file(s) "
+                    f"(first: X/{name}/c/{missing[0]}); the store is damaged, rebuild it"
+                )
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        fast = self._fast.get(name)
+        if fast is not None:
+            return fast.read(start, stop)
+        try:
+            return self._arrays[name][start:stop]
+        except Exception as err:
+            raise AtlasCorruptError(
+                f"atlas {self.path}: array 'X/{name}' has a corrupt or truncated chunk "
+                f"(reading elements {start}:{stop}): {type(err).__name__}: {err}"
+            ) from err
+
+    def validate(self, progress: bool = False) -> None:
+        """Read every chunk of X (checksums included) and check the CSR structure; raise on damage."""
+        from tqdm.auto import tqdm
+
+        indptr_arr = self._arrays["indptr"]
+        step = indptr_arr.chunks[0] * 64
+        last = 0
+        bar = tqdm(total=self.num_cells, unit="cell", disable=not progress, desc=f"validate {self.path.name}")
+        for a in range(0, self.num_cells, step):
+            b = min(a + step, self.num_cells)
+            ip = self._read("indptr", a, b + 1)
+            if ip[0] != last or np.any(np.diff(ip) < 0):
+                raise AtlasCorruptError(f"atlas {self.path}: array 'X/indptr' is inconsistent near row {a}")
+            idx = self._read("indices", int(ip[0]), int(ip[-1]))
+            dat = self._read("data", int(ip[0]), int(ip[-1]))
+            if len(idx) and (idx.min() < 0 or idx.max() >= self.num_genes):
+                raise AtlasCorruptError(f"atlas {self.path}: array 'X/indices' has out-of-range gene indices near row {a}")
+            if not np.all(np.isfinite(dat)):
+                raise AtlasCorruptError(f"atlas {self.path}: array 'X/data' has non-finite values near row {a}")
+            last = int(ip[-1])
+            bar.update(b - a)
+        bar.close()
+        if last != self._arrays["data"].shape[0]:
+            raise AtlasCorruptError(f"atlas {self.path}: X/indptr ends at {last} but X/data has {self._arrays['data'].shape[0]}")
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``[start, stop)`` of X as CSR parts ``(indptr from 0, indices, data)``: three contiguous reads."""
+        ip = self._read("indptr", start, stop + 1)
+        a, b = int(ip[0]), int(ip[-1])
+        return ip - a, self._read("indices", a, b), self._read("data", a, b)
+
+    def read_obs(self, columns=None) -> pd.DataFrame:
+        """The per-cell obs table (all cells: O(cells) memory; the loader never needs it)."""
+        from anndata.io import read_elem
+
+        obs = read_elem(self._root["obs"])
+        return obs if columns is None else obs[list(columns)]
+
+    def __repr__(self) -> str:
+        return f"Atlas({str(self.path)!r}, cells={self.num_cells}, genes={self.num_genes}, groups={len(self.groups)})"
+
+    def __getstate__(self):
+        # Zarr handles are re-opened in each process (DataLoader workers) rather than pickled.
+        return {"path": self.path, "fast_reads": self.fast_reads}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], fast_reads=state.get("fast_reads", True))
+
+
+def open_atlas(path) -> Atlas:
+    """Open an atlas for reading (see `Atlas`)."""
+    return Atlas(path)
