@@ -1,0 +1,384 @@
+"""The atlas format and builder: round trips, grouping, validation errors, damage detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from perturbdiff.data.builder import _scattered_sources, build_atlas
+from perturbdiff.data.store import Atlas, AtlasCorruptError, AtlasError, AtlasIncompleteError
+from perturbdiff.data.synthetic import BUILD_COLUMNS, make_synthetic_adata
+
+# Small chunks and shards so that tiny atlases still span several chunk and shard files.
+SMALL = dict(chunk_elems=1024, shard_chunks=4, block_cells=700, progress=False)
+
+
+def _adata(seed=0, **kw):
+    kw.setdefault("num_cells", 1500)
+    kw.setdefault("num_genes", 60)
+    return make_synthetic_adata(seed=seed, **kw)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "screen.h5ad"
+    adata = _adata()
+    adata.write_h5ad(path)
+    return adata, path
+
+
+@pytest.fixture(scope="module")
+def atlas_path(source, tmp_path_factory):
+    return build_atlas(source[1], tmp_path_factory.mktemp("atlas") / "screen.zarr", **BUILD_COLUMNS, **SMALL)
+
+
+def _leftovers(folder: Path, name: str):
+    return [p.name for p in folder.iterdir() if name in p.name]
+
+
+# -- round trip and layout -------------------------------------------------------------------------
+
+
+def test_build_round_trip_opens_in_anndata(source, atlas_path):
+    adata, _ = source
+    stored = ad.read_zarr(atlas_path)  # any AnnData tool can open the atlas
+    assert stored.shape == adata.shape
+    assert list(stored.var_names) == list(adata.var_names)
+    for col in ("dataset", "context", "perturbation", "batch", "dose", "is_control"):
+        assert col in stored.obs.columns
+    # counts match the input cell by cell
+    ref = adata[stored.obs_names]
+    assert np.array_equal(stored.X.toarray(), ref.X.toarray())
+    assert (stored.obs["perturbation"].astype(str).to_numpy() == ref.obs["perturbation"].astype(str).to_numpy()).all()
+    assert (stored.obs["context"].astype(str).to_numpy() == ref.obs["cell_type"].astype(str).to_numpy()).all()
+    assert (stored.obs["is_control"].to_numpy() == (ref.obs["perturbation"] == "control").to_numpy()).all()
+    meta = Atlas(atlas_path).metadata
+    assert meta["complete"] is True and meta["format_version"] == 1
+    assert meta["control_label"] == "control"
+    assert meta["sources"][0]["num_cells"] == adata.n_obs
+    assert meta["columns"]["context"] == "cell_type"
+
+
+def test_groups_are_contiguous_and_indexed(atlas_path):
+    atlas = Atlas(atlas_path)
+    obs = atlas.read_obs()
+    g = atlas.groups
+    assert g["start"].iat[0] == 0 and g["stop"].iat[-1] == atlas.num_cells
+    assert (g["start"].to_numpy()[1:] == g["stop"].to_numpy()[:-1]).all()
+    assert np.all(np.diff(obs["group"].to_numpy()) >= 0)  # group codes never go back: contiguous
+    for i, row in g.iterrows():
+        block = obs.iloc[row["start"] : row["stop"]]
+        for key in ("dataset", "context", "perturbation", "batch"):
+            assert (block[key].astype(str) == row[key]).all()
+        assert np.allclose(block["dose"], row["dose"])
+    # one group per (dataset, context, perturbation, dose, batch)
+    assert not g.duplicated(["dataset", "context", "perturbation", "dose", "batch"]).any()
+
+
+def test_fast_shard_reader_matches_zarr(atlas_path):
+    fast, slow = Atlas(atlas_path), Atlas(atlas_path, fast_reads=False)
+    assert set(fast._fast) == {"data", "indices", "indptr"} and not slow._fast
+    rng = np.random.default_rng(0)
+    spans = [(0, fast.num_cells)] + [tuple(sorted(rng.integers(0, fast.num_cells + 1, 2))) for _ in range(30)]
+    for a, b in spans:
+        for x, y in zip(fast.read_rows(int(a), int(b)), slow.read_rows(int(a), int(b))):
+            assert np.array_equal(x, y)
+
+
+def test_several_inputs_folder_and_gene_order(tmp_path):
+    a, b = _adata(seed=1, num_cells=600), _adata(seed=2, num_cells=500)
+    b = b[:, b.var_names[::-1]].copy()  # same genes, another order
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    a.write_h5ad(folder / "first.h5ad")
+    b.write_h5ad(folder / "second.h5ad")
+    path = build_atlas(folder, tmp_path / "both.zarr", **BUILD_COLUMNS, **SMALL)
+    stored = ad.read_zarr(path)
+    assert set(stored.obs["dataset"]) == {"first", "second"}  # dataset = file stem
+    # names repeat across the two files: qualified by file
+    assert stored.obs_names.is_unique and stored.obs_names[0].split(":")[0] in ("first", "second")
+    for stem, src in (("first", a), ("second", b)):
+        part = stored[stored.obs["dataset"] == stem]
+        names = [n.split(":", 1)[1] for n in part.obs_names]
+        assert np.array_equal(part.X.toarray(), src[names][:, stored.var_names].X.toarray())
+
+
+def test_scattered_input_goes_through_buckets(tmp_path):
+    adata = _adata(num_cells=1200)  # cells in random order: groups interleaved cell by cell
+    h5 = tmp_path / "shuffled.h5ad"
+    adata.write_h5ad(h5)
+    grouped = adata[adata.obs.sort_values(["cell_type", "perturbation", "batch"]).index].copy()
+    h5g = tmp_path / "grouped.h5ad"
+    grouped.write_h5ad(h5g)
+    from perturbdiff.data.sources import H5adSource
+
+    for path, scattered in ((h5, True), (h5g, False)):
+        src = H5adSource(path)
+        rows = np.argsort(pd.Categorical(src.obs_column("perturbation")).codes, kind="stable")
+        assert (_scattered_sources([src], rows, np.zeros(len(rows), np.int64), 700) == {0}) is scattered
+        src.close()
+        out = build_atlas(path, tmp_path / f"{path.stem}.zarr", **BUILD_COLUMNS, **SMALL)
+        stored = ad.read_zarr(out)
+        assert np.array_equal(stored.X.toarray(), adata[stored.obs_names].X.toarray())
+    assert not _leftovers(tmp_path, "spool")
+
+
+# -- input validation ------------------------------------------------------------------------------
+
+
+def test_missing_column_lists_columns(source, tmp_path):
+    with pytest.raises(ValueError, match="no column 'celltype'") as err:
+        build_atlas(source[1], tmp_path / "x.zarr", **{**BUILD_COLUMNS, "context_key": "celltype"}, **SMALL)
+    for col in ("perturbation", "cell_type", "batch", "dose"):
+        assert col in str(err.value)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_unknown_control_label_lists_labels(source, tmp_path):
+    with pytest.raises(ValueError, match="'ctrl'.*not found") as err:
+        build_atlas(source[1], tmp_path / "x.zarr", **{**BUILD_COLUMNS, "control_label": "ctrl"}, **SMALL)
+    assert "'control'" in str(err.value) and "'PERT0'" in str(err.value)
+
+
+def test_context_without_controls_is_refused(tmp_path):
+    adata = _adata()
+    keep = ~((adata.obs["cell_type"] == "celltype1") & (adata.obs["perturbation"] == "control"))
+    with pytest.raises(ValueError, match="no control cells.*celltype1"):
+        build_atlas(adata[keep].copy(), tmp_path / "x.zarr", **BUILD_COLUMNS, **SMALL)
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+def test_invalid_counts_rejected_and_nothing_left(tmp_path, bad):
+    adata = _adata()
+    X = adata.X.toarray()
+    X[-1, 3] = bad  # the last cell: found after earlier blocks were written
+    adata.X = sp.csr_matrix(X)
+    with pytest.raises(ValueError, match="negative|non-finite") as err:
+        build_atlas(adata, tmp_path / "x.zarr", **BUILD_COLUMNS, **{**SMALL, "block_cells": 200})
+    assert adata.obs_names[-1] in str(err.value)
+    assert not _leftovers(tmp_path, "x.zarr")  # no store, no partial sibling
+
+
+def test_duplicate_gene_names_rejected(tmp_path):
+    adata = _adata()
+    adata.var_names = ["G"] * 2 + list(adata.var_names[2:])
+    with pytest.raises(ValueError, match="gene names are not unique"):
+        build_atlas(adata, tmp_path / "x.zarr", **BUILD_COLUMNS, **SMALL)
+
+
+def test_log1p_input_is_converted_back(tmp_path):
+    adata = _adata(num_genes=200)
+    X = adata.X.toarray()
+    logged = ad.AnnData(sp.csr_matrix(np.log1p(X / X.sum(1, keepdims=True) * 1e4).astype(np.float32)), obs=adata.obs, var=adata.var)
+    with pytest.warns(UserWarning, match="non-integer"):  # undeclared: stored as given, with a warning
+        build_atlas(logged, tmp_path / "raw.zarr", **BUILD_COLUMNS, **SMALL)
+    path = build_atlas(logged, tmp_path / "x.zarr", **BUILD_COLUMNS, input_log1p=True, **SMALL)
+    stored = ad.read_zarr(path)
+    ref = adata[stored.obs_names].X.toarray()
+    # counts are determined up to a common factor of the cell's counts: exact wherever that is 1
+    gcd = np.array([np.gcd.reduce(r[r > 0].astype(np.int64)) for r in ref])
+    assert (gcd == 1).mean() > 0.99
+    assert np.array_equal(stored.X.toarray()[gcd == 1], ref[gcd == 1])
+    src = Atlas(path).metadata["sources"][0]
+    assert src["input_transform"] == "log1p" and src["non_integer_cells"] == 0
+
+
+# -- atomicity and damage --------------------------------------------------------------------------
+
+
+def test_killed_build_leaves_no_complete_looking_store(tmp_path):
+    adata = _adata(num_cells=20000, num_genes=100)
+    h5 = tmp_path / "in.h5ad"
+    adata.write_h5ad(h5)
+    out = tmp_path / "killed.zarr"
+    code = (
+        "from perturbdiff.data.builder import build_atlas\n"
+        "from perturbdiff.data.synthetic import BUILD_COLUMNS\n"
+        f"build_atlas({str(h5)!r}, {str(out)!r}, block_cells=64, progress=False, **BUILD_COLUMNS)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 120
+    partial = []
+    while time.time() < deadline and proc.poll() is None:
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.zarr.partial-")]
+        if partial and (partial[0] / "X" / "data").exists():
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial, "the build finished before it could be interrupted"
+    assert not out.exists()
+    with pytest.raises(AtlasIncompleteError, match="incomplete"):
+        Atlas(partial[0])
+
+
+def test_incomplete_store_refused(atlas_path, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(atlas_path, copy)
+    meta_file = copy / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["perturbdiff"]["complete"] = False
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(AtlasIncompleteError, match=f"{copy}.*incomplete"):
+        Atlas(copy)
+    del meta["attributes"]["perturbdiff"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(AtlasError, match="not a PerturbDiff atlas"):
+        Atlas(copy)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_damaged_chunk_names_store_and_array(atlas_path, tmp_path, damage, fast):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(atlas_path, copy)
+    shard = copy / "X" / "data" / "c" / "1"
+    raw = bytearray(shard.read_bytes())
+    if damage == "flip":
+        raw[100:108] = bytes(b ^ 0xFF for b in raw[100:108])
+        shard.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:
+        shard.unlink()
+    with pytest.raises(AtlasCorruptError) as err:
+        atlas = Atlas(copy, fast_reads=fast)
+        atlas.validate()
+    assert str(copy) in str(err.value) and "X/data" in str(err.value)
+
+
+# -- Tahoe-100M parquet ----------------------------------------------------------------------------
+
+
+def test_parquet_tahoe_layout(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    n, genes = 300, [f"G{i}" for i in range(40)]
+    token = np.arange(5, 45)  # gene token ids (0-4: special tokens, 1 = CLS)
+    drugs = np.array(["DMSO_TF", "Drug_A", "Drug_B"])[rng.integers(0, 3, n)]
+    lines = np.array(["CVCL_1", "CVCL_2"])[rng.integers(0, 2, n)]
+    dense = rng.poisson(0.8, (n, 40)).astype(np.float32)
+    gene_lists, expr_lists = [], []
+    for row in dense:
+        nz = np.flatnonzero(row)
+        order = rng.permutation(len(nz))  # gene ids need not be sorted
+        gene_lists.append([1] + token[nz[order]].tolist())
+        expr_lists.append([-2.0] + row[nz[order]].tolist())  # leading CLS token with expression -2
+    table = pa.table(
+        {
+            "genes": pa.array(gene_lists, pa.list_(pa.int64())),
+            "expressions": pa.array(expr_lists, pa.list_(pa.float32())),
+            "drug": drugs,
+            "cell_line_id": lines,
+            "plate": np.array(["plate1", "plate2"])[rng.integers(0, 2, n)],
+            "BARCODE_SUB_LIB_ID": [f"bc{i}" for i in range(n)],
+        }
+    )
+    data = tmp_path / "train-00000.parquet"
+    pq.write_table(table, data, row_group_size=64)
+    meta = tmp_path / "gene_metadata.parquet"
+    pd.DataFrame({"token_id": token, "gene_symbol": genes, "ensembl_id": [f"ENSG{i}" for i in range(40)]}).to_parquet(meta)
+    path = build_atlas(
+        data,
+        tmp_path / "tahoe.zarr",
+        perturbation_key="drug",
+        context_key="cell_line_id",
+        batch_key="plate",
+        control_label="DMSO_TF",
+        gene_metadata=meta,
+        obs_names_key="BARCODE_SUB_LIB_ID",
+        **SMALL,
+    )
+    stored = ad.read_zarr(path)
+    assert list(stored.var_names) == genes
+    rows = [int(name[2:]) for name in stored.obs_names]
+    assert np.array_equal(stored.X.toarray(), dense[rows])
+    assert (stored.obs["perturbation"].astype(str).to_numpy() == drugs[rows]).all()
+    assert (stored.obs["context"].astype(str).to_numpy() == lines[rows]).all()
+    with pytest.raises(ValueError, match="no column 'cell_line'.*cell_line_id"):
+        build_atlas(data, tmp_path / "y.zarr", perturbation_key="drug", context_key="cell_line", control_label="DMSO_TF", gene_metadata=meta, **SMALL)
+
+
+# -- CLI, synthetic default, cell typing -----------------------------------------------------------
+
+
+def test_cli_build_and_errors(source, tmp_path, capsys):
+    from perturbdiff.cli import main
+
+    out = tmp_path / "cli.zarr"
+    args = ["atlas", "build", str(source[1]), "-o", str(out), "--perturbation-key", "perturbation",
+            "--context-key", "cell_type", "--batch-key", "batch", "--dose-key", "dose", "--quiet"]
+    assert main(args) == 0
+    assert Atlas(out).num_cells == source[0].n_obs
+    assert main(args) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--control-label", "ctrl"]) == 2
+    assert "labels seen" in capsys.readouterr().err
+    assert main(["atlas", "info", str(out)]) == 0 and "groups" in capsys.readouterr().out
+    assert main(["atlas", "validate", str(out), "--quiet"]) == 0
+
+
+def test_default_atlas_is_cached(tmp_path, monkeypatch):
+    from perturbdiff.data.synthetic import default_atlas_path, ensure_default_atlas
+
+    monkeypatch.setenv("PERTURBDIFF_CACHE", str(tmp_path / "cache"))
+    path = ensure_default_atlas()
+    assert path == default_atlas_path() and path.parent == tmp_path / "cache"
+    stamp = (path / "zarr.json").stat().st_mtime_ns
+    assert ensure_default_atlas() == path and (path / "zarr.json").stat().st_mtime_ns == stamp
+    atlas = Atlas(path)
+    assert atlas.num_cells == 4000 and atlas.num_genes == 200
+    assert atlas.groups["context"].nunique() == 3 and atlas.groups["batch"].nunique() == 2
+
+
+def test_synthetic_response_varies_between_replicates():
+    adata = make_synthetic_adata(num_cells=6000, num_genes=100, num_batches=3, response_spread=1.0, seed=3)
+    X = adata.X.toarray()
+    X = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    obs = adata.obs.astype(str).reset_index(drop=True)
+    means = {key: X[idx].mean(0) for key, idx in obs.groupby(["cell_type", "perturbation", "batch"]).indices.items() if len(idx) > 30}
+    spreads = []
+    for (c, p) in {(c, p) for c, p, _ in means if p != "control"}:
+        norms = [np.linalg.norm(means[(c, p, b)] - means[(c, "control", b)]) for b in obs["batch"].unique()
+                 if (c, p, b) in means and (c, "control", b) in means]
+        if len(norms) >= 2 and np.mean(norms) > 0.5:
+            spreads.append(np.std(norms) / np.mean(norms))
+    # the same (context, perturbation) responds with different strength in different replicates
+    assert len(spreads) >= 5 and np.median(spreads) > 0.1
+
+
+def test_assign_cell_types_from_markers():
+    from perturbdiff.data.annotate import PBMC_MARKERS, assign_cell_types
+
+    rng = np.random.default_rng(0)
+    types = list(PBMC_MARKERS)
+    markers = sorted({g for genes in PBMC_MARKERS.values() for g in genes})
+    genes = markers + [f"BG{i}" for i in range(150)]
+    truth = rng.choice(types, 1500, p=[0.2, 0.1, 0.35, 0.15, 0.1, 0.05, 0.05])
+    rate = rng.gamma(2.0, 0.5, len(genes))[None, :].repeat(len(truth), 0)
+    for t in types:  # each type expresses its markers highly; cluster structure also in background genes
+        sel = truth == t
+        rate[np.ix_(sel, [genes.index(g) for g in PBMC_MARKERS[t]])] += 6.0
+        rate[np.ix_(sel, 20 + 15 * types.index(t) + np.arange(15))] += 3.0
+    counts = sp.csr_matrix(rng.poisson(rate).astype(np.float32))
+    pred = assign_cell_types(counts, genes, n_clusters=20)
+    assert (pred == truth).mean() > 0.95
+    per_cell = assign_cell_types(counts, genes, n_clusters=0)  # noisy: why clusters are scored instead
+    assert 0.5 < (per_cell == truth).mean() < (pred == truth).mean()
