@@ -1,0 +1,498 @@
+"""Streaming cell-set batches from one or more atlases, for any number of ranks and workers.
+
+A *set* is m cells of one group (dataset, context, perturbation, dose, batch), read as one
+contiguous block of the atlas (the builder shuffles cells within groups, so a contiguous window is a
+random subset). In conditional mode each set comes with a matched *control set* of m cells from the
+control pool of the same (dataset, context, batch).
+
+Epoch. Each eligible group contributes ``ceil(n_cells / m)`` sets per epoch. The sets of one group
+tile it from a random offset (fresh each epoch), so an epoch covers every cell of a group once; the
+last window wraps around to the group's start. A group shorter than m yields one set holding all of
+its cells plus ``m - n`` cells drawn again with replacement. With ``weights``, each atlas contributes
+``round(num_sets * w / sum(w))`` sets instead (a random subset of its sets, or repeated passes with
+fresh offsets when up-weighted).
+
+Control fallbacks. The control set is a random contiguous window of the (dataset, context, batch)
+control group (with replacement if it is shorter than m). If that pool is empty, a control group of
+the same (dataset, context) in another batch is used, chosen with probability proportional to its
+size; the builder guarantees every (dataset, context) with perturbed cells has controls.
+
+Sharding. The epoch's sets are shuffled with (seed, epoch); rank r takes every world_size-th set,
+then cuts them into batches; DataLoader worker w of W produces batches w, w+W, ... (the DataLoader
+returns them in order, so the batch sequence is identical for any number of workers). Every set's
+content depends only on (seed, epoch, its identity), so a run resumed from `state_dict` yields
+exactly the batches the uninterrupted run would have. With ``drop_last=False`` the epoch is padded
+by repeating its first sets so that every rank gets the same number of sets (as torch's
+DistributedSampler does); with ``drop_last=True`` the tail is dropped so that every batch is full and
+no set repeats.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..normalization import Normalization
+from .splits import as_split_spec
+from .store import Atlas
+from .vocab import atlas_vocabularies, gene_vocabulary
+
+__all__ = ["CellSetDataset", "CellSetLoader"]
+
+_MODES = ("conditional", "marginal")
+
+
+def _take_rows(indptr, indices, data, rows):
+    """Rows ``rows`` (any order, repeats allowed) of a CSR block."""
+    starts = indptr[rows]
+    lens = indptr[rows + 1] - starts
+    new_indptr = np.concatenate([[0], np.cumsum(lens)])
+    pos = np.repeat(starts - new_indptr[:-1], lens) + np.arange(new_indptr[-1])
+    return new_indptr, indices[pos], data[pos]
+
+
+def _concat_csr(parts):
+    ips, ixs, ds = zip(*parts)
+    lens = np.concatenate([np.diff(ip) for ip in ips])
+    return np.concatenate([[0], np.cumsum(lens)]), np.concatenate(ixs), np.concatenate(ds)
+
+
+class _Source:
+    """Per-atlas tables the loader needs (group ranges, covariate ids, gene map); no X."""
+
+    def __init__(self, atlas: Atlas, index: int):
+        self.atlas = atlas
+        self.path = atlas.path
+        self.index = index
+        g = atlas.groups
+        self.groups = g
+        self.start = g["start"].to_numpy(np.int64)
+        self.size = (g["stop"] - g["start"]).to_numpy(np.int64)
+        self.is_control = g["is_control"].to_numpy(bool)
+
+
+class CellSetDataset(IterableDataset):
+    """Batches of cell sets streamed from atlases (see the module docstring for the sampling rules).
+
+    Args:
+        atlases: an atlas path (or `Atlas`) or a list of them.
+        set_size: m, cells per set.
+        batch_size: sets per batch.
+        weights: mixing weight per atlas (None: every set once per epoch).
+        normalization: how counts become model inputs (default: ``Normalization()``; per-cell totals
+            are over all genes the atlas measures).
+        gene_names: target gene vocabulary (default: `gene_vocabulary` of the atlases); genes an
+            atlas lacks are zero and listed in ``gene_presence``.
+        perturbation_names, context_names, batch_names: covariate vocabularies (default:
+            `atlas_vocabularies`); id = position + 1, names outside a vocabulary get id 0.
+        mode: "conditional" (perturbed sets with matched control sets) or "marginal" (sets from every
+            group, controls included, with no perturbation label and no control set: pretraining).
+        split: which split to stream: "train", "val", "test" or "all".
+        held_out: a `SplitSpec`, a split-file path (STATE TOML or JSON) or dict; None: all is train.
+        include_control_sets: in conditional mode, also yield control groups as target sets.
+        seed: seed of all sampling; batches are a function of (seed, epoch, rank, world_size).
+        rank, world_size: this process's shard.
+        drop_last: drop the epoch's tail instead of padding it (see module docstring).
+        sets_per_epoch: epoch size in sets (default: the natural number of sets).
+        return_set_ids: add ``"set_id"`` (int64 [B], the set's position in the epoch) to batches.
+
+    Batches are dicts of tensors: ``x0`` float32 [B, m, G] (normalised target set), ``control`` float32
+    [B, m, G] (conditional mode only), ``perturbation``, ``context``, ``batch`` int64 [B] (ids, 0 =
+    null), ``dose`` float32 [B], ``group`` int64 [B] (group index; atlas i's groups are offset by the
+    group counts of atlases before it).
+    """
+
+    def __init__(
+        self,
+        atlases,
+        *,
+        set_size: int = 256,
+        batch_size: int = 8,
+        weights=None,
+        normalization: Normalization | None = None,
+        gene_names=None,
+        perturbation_names=None,
+        context_names=None,
+        batch_names=None,
+        mode: str = "conditional",
+        split: str = "train",
+        held_out=None,
+        include_control_sets: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        sets_per_epoch: int | None = None,
+        return_set_ids: bool = False,
+    ):
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if split not in ("train", "val", "test", "all"):
+            raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}")
+        if set_size < 1 or batch_size < 1:
+            raise ValueError("set_size and batch_size must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        items = atlases if isinstance(atlases, (list, tuple)) else [atlases]
+        if not items:
+            raise ValueError("no atlases given")
+        opened = [a if isinstance(a, Atlas) else Atlas(a) for a in items]
+        self.sources = [_Source(a, i) for i, a in enumerate(opened)]
+        self.set_size, self.batch_size = int(set_size), int(batch_size)
+        self.normalization = normalization or Normalization()
+        self.mode, self.split = mode, split
+        self.include_control_sets = include_control_sets
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.drop_last = drop_last
+        self.return_set_ids = return_set_ids
+        self.held_out = as_split_spec(held_out)
+
+        # vocabularies
+        vocab = atlas_vocabularies(opened)
+        self.gene_names = list(gene_vocabulary(opened) if gene_names is None else gene_names)
+        self.perturbation_names = list(vocab["perturbation"] if perturbation_names is None else perturbation_names)
+        self.context_names = list(vocab["context"] if context_names is None else context_names)
+        self.batch_names = list(vocab["batch"] if batch_names is None else batch_names)
+        self.num_genes = len(self.gene_names)
+        target = {g: i for i, g in enumerate(self.gene_names)}
+        if len(target) != len(self.gene_names):
+            raise ValueError("gene_names has duplicates")
+        self.gene_presence = np.zeros((len(self.sources), self.num_genes), dtype=bool)
+        offset = 0
+        for src in self.sources:
+            gmap = np.array([target.get(str(g), -1) for g in src.atlas.gene_names], dtype=np.int64)
+            self.gene_presence[src.index, gmap[gmap >= 0]] = True
+            identity = len(gmap) == self.num_genes and np.array_equal(gmap, np.arange(self.num_genes))
+            src.gene_map = None if identity else gmap
+            src.group_offset = offset
+            offset += len(src.groups)
+            g = src.groups
+            src.ids = {
+                "perturbation": self._ids(g["perturbation"], self.perturbation_names, "perturbation"),
+                "context": self._ids(g["context"], self.context_names, "context"),
+                "batch": self._ids(g["batch"], self.batch_names, "batch"),
+            }
+            src.dose = g["dose"].to_numpy(np.float32)
+            if mode == "marginal":
+                src.ids["perturbation"] = np.zeros(len(g), dtype=np.int64)
+                src.dose = np.zeros(len(g), dtype=np.float32)
+        self.absent_genes = {
+            str(src.path): [g for g, p in zip(self.gene_names, self.gene_presence[src.index]) if not p]
+            for src in self.sources
+        }
+
+        # eligible groups, control pools, and the natural (unweighted) sets of an epoch
+        m = self.set_size
+        self._base = []
+        for src in self.sources:
+            g = src.groups
+            if self.held_out is None:
+                in_split = np.ones(len(g), dtype=bool)
+            else:
+                in_split = np.array(
+                    [
+                        split == "all" or split in self.held_out.assign(d, c, p, bool(ic))
+                        for d, c, p, ic in zip(g["dataset"], g["context"], g["perturbation"], g["is_control"])
+                    ]
+                )
+            eligible = in_split & (src.size > 0)
+            if mode == "conditional" and not include_control_sets:
+                eligible &= ~src.is_control
+            gids = np.flatnonzero(eligible)
+            if mode == "conditional":
+                src.controls = self._control_pools(src, gids)
+            sets = -(-src.size[gids] // m)
+            self._base.append(np.stack([np.repeat(gids, sets), np.concatenate([np.arange(k) for k in sets]) if len(sets) else np.zeros(0, np.int64)], axis=1).astype(np.int64))
+        natural = np.array([len(b) for b in self._base], dtype=np.int64)
+        if natural.sum() == 0:
+            raise ValueError(f"no sets to stream: split {split!r} of mode {mode!r} selects no groups")
+        self.num_sets = int(sets_per_epoch) if sets_per_epoch is not None else int(natural.sum())
+        if weights is None:
+            if sets_per_epoch is not None and len(self.sources) > 1:
+                weights = natural.astype(float)
+            self._counts = natural if sets_per_epoch is None else None
+        else:
+            if len(weights) != len(self.sources):
+                raise ValueError(f"got {len(weights)} weights for {len(self.sources)} atlases")
+            self._counts = None
+        if self._counts is None:
+            w = np.asarray(weights if weights is not None else [1.0], dtype=float)
+            if np.any(w < 0) or w.sum() <= 0:
+                raise ValueError("weights must be non-negative with a positive sum")
+            for s, (wi, nat) in enumerate(zip(w, natural)):
+                if wi > 0 and nat == 0:
+                    raise ValueError(f"atlas {self.sources[s].path} has weight {wi} but no sets in split {split!r}")
+            exact = self.num_sets * w / w.sum()
+            counts = np.floor(exact).astype(np.int64)
+            counts[np.argsort(-(exact - counts), kind="stable")[: self.num_sets - counts.sum()]] += 1
+            self._counts = counts
+        self.weights = None if weights is None else list(map(float, weights))
+
+        self._epoch = 0
+        self._resume_from = 0
+        self._position = 0
+        self._plan_cache: tuple[int, np.ndarray] | None = None
+        if len(self) == 0:
+            warnings.warn(
+                f"{self.num_sets} sets cannot fill one batch of {self.batch_size} on each of {self.world_size} ranks "
+                "with drop_last=True: the loader yields nothing",
+                stacklevel=2,
+            )
+
+    # -- setup helpers -----------------------------------------------------------------------------
+
+    def _ids(self, names, vocabulary, what) -> np.ndarray:
+        index = {n: i + 1 for i, n in enumerate(vocabulary)}
+        names = [str(n) for n in names]
+        unknown = sorted({n for n in names if n not in index})
+        if unknown and not (what == "perturbation" and self.mode == "marginal"):
+            warnings.warn(
+                f"{len(unknown)} {what} name(s) are not in the given vocabulary and get the null id 0: {unknown[:10]}",
+                stacklevel=3,
+            )
+        return np.array([index.get(n, 0) for n in names], dtype=np.int64)
+
+    def _control_pools(self, src: _Source, gids: np.ndarray) -> dict:
+        g = src.groups
+        ctrl = np.flatnonzero(src.is_control & (src.size > 0))
+        by_batch, by_context = {}, {}
+        for c in ctrl:
+            key = (g["dataset"].iat[c], g["context"].iat[c])
+            by_batch.setdefault(key + (g["batch"].iat[c],), []).append(c)
+            by_context.setdefault(key, []).append(c)
+        pools, missing = {}, []
+        for i in gids:
+            key = (g["dataset"].iat[i], g["context"].iat[i])
+            cands = by_batch.get(key + (g["batch"].iat[i],)) or by_context.get(key)
+            if not cands:
+                missing.append(f"{key[0]}/{key[1]}")
+                continue
+            cands = np.asarray(cands, dtype=np.int64)
+            sizes = src.size[cands].astype(float)
+            pools[int(i)] = (cands, sizes / sizes.sum())
+        if missing:
+            raise ValueError(
+                f"atlas {src.path}: no control cells for {len(set(missing))} (dataset/context): {sorted(set(missing))[:10]}; "
+                "conditional mode needs controls (use mode='marginal' for unperturbed atlases)"
+            )
+        return pools
+
+    # -- epoch plan --------------------------------------------------------------------------------
+
+    def _epoch_items(self, epoch: int) -> np.ndarray:
+        """All sets of an epoch, shuffled: rows (source, group, k, pass, set_id)."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        rng = np.random.default_rng([self.seed, epoch, 0x5E7])
+        parts = []
+        for s, (base, want) in enumerate(zip(self._base, self._counts)):
+            nat = len(base)
+            if want == 0:
+                continue
+            if want == nat:
+                sel, passes = np.arange(nat), np.zeros(nat, np.int64)
+            elif want < nat:
+                sel, passes = rng.permutation(nat)[:want], np.zeros(want, np.int64)
+            else:  # up-weighted: whole passes, each with fresh offsets, plus a random part of one more
+                q, r = divmod(int(want), nat)
+                sel = np.concatenate([np.tile(np.arange(nat), q), rng.permutation(nat)[:r]])
+                passes = np.concatenate([np.repeat(np.arange(q), nat), np.full(r, q)])
+            parts.append(np.column_stack([np.full(len(sel), s), base[sel], passes]))
+        items = np.concatenate(parts)[rng.permutation(self.num_sets)]
+        items = np.column_stack([items, np.arange(len(items))]).astype(np.int64)
+        self._plan_cache = (epoch, items)
+        return items
+
+    def _per_rank(self) -> int:
+        n, w, b = self.num_sets, self.world_size, self.batch_size
+        return (n // (w * b)) * b if self.drop_last else -(-n // w)
+
+    def _rank_items(self, epoch: int) -> np.ndarray:
+        items = self._epoch_items(epoch)
+        total = self._per_rank() * self.world_size
+        if total > len(items):  # pad by repeating the epoch's first sets
+            items = np.concatenate([items, np.resize(items, (total - len(items), items.shape[1]))])
+        return items[:total][self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        per_rank = self._per_rank()
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    # -- epochs and resumption ---------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to stream (call before each epoch, as with DistributedSampler)."""
+        if epoch != self._epoch:
+            self._epoch = int(epoch)
+            self._resume_from = 0
+            self._position = 0
+
+    def state_dict(self) -> dict:
+        """Where this rank is: the epoch and how many of its batches were consumed."""
+        return {
+            "epoch": self._epoch,
+            "batches_done": self._position,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "set_size": self.set_size,
+            "num_sets": self.num_sets,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration continues the saved epoch after its last consumed batch."""
+        for key in ("seed", "world_size", "batch_size", "set_size", "num_sets"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"loader state has {key}={state.get(key)} but this loader has {getattr(self, key)}; "
+                    "resuming would not reproduce the same batches"
+                )
+        self._epoch = int(state["epoch"])
+        self._resume_from = self._position = int(state["batches_done"])
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _read_set(self, src: _Source, group: int, pos: int, rng) -> tuple:
+        """m rows of a group starting at ``pos`` (wrapping), or all rows + resampled ones if short."""
+        m, n, start = self.set_size, int(src.size[group]), int(src.start[group])
+        read = src.atlas.read_rows
+        if n >= m:
+            pos %= n
+            if pos + m <= n:
+                return read(start + pos, start + pos + m)
+            return _concat_csr([read(start + pos, start + n), read(start, start + pos + m - n)])
+        take = np.concatenate([np.arange(n), rng.integers(0, n, m - n)])
+        rng.shuffle(take)
+        return _take_rows(*read(start, start + n), take)
+
+    def _make_batch(self, items: np.ndarray, epoch: int) -> dict:
+        m, G = self.set_size, self.num_genes
+        conditional = self.mode == "conditional"
+        x0_sets, ctrl_sets, meta = [], [], []
+        for s, g, k, p, _ in items:
+            src = self.sources[s]
+            rng = np.random.default_rng([self.seed, epoch, s, g, k, p, 1])
+            # one offset per (group, pass): the group's k-th set is the k-th window from it
+            offset = np.random.default_rng([self.seed, epoch, s, g, p, 2]).integers(src.size[g])
+            x0_sets.append((self._read_set(src, g, int(offset) + int(k) * m, rng), src))
+            if conditional:
+                cands, probs = src.controls[int(g)]
+                cg = int(cands[0] if len(cands) == 1 else rng.choice(cands, p=probs))
+                ctrl_sets.append((self._read_set(src, cg, int(rng.integers(src.size[cg])), rng), src))
+            meta.append((src, g))
+        dense = self._densify(x0_sets + ctrl_sets)
+        B = len(items)
+        batch = {"x0": torch.from_numpy(dense[: B * m].reshape(B, m, G))}
+        if conditional:
+            batch["control"] = torch.from_numpy(dense[B * m :].reshape(B, m, G))
+        for key in ("perturbation", "context", "batch"):
+            batch[key] = torch.tensor([src.ids[key][g] for src, g in meta], dtype=torch.int64)
+        batch["dose"] = torch.tensor([src.dose[g] for src, g in meta], dtype=torch.float32)
+        batch["group"] = torch.tensor([src.group_offset + g for src, g in meta], dtype=torch.int64)
+        if self.return_set_ids:
+            batch["set_id"] = torch.from_numpy(items[:, 4].copy())
+        return batch
+
+    def _densify(self, sets) -> np.ndarray:
+        """Normalise CSR sets and scatter them into a dense [sets * m, G] float32 array."""
+        import scipy.sparse as sp
+
+        m, G, norm = self.set_size, self.num_genes, self.normalization
+        mapped = []
+        for (ip, ix, d), src in sets:
+            cols = ix if src.gene_map is None else src.gene_map[ix]
+            mapped.append((ip, cols, d))
+        indptr, cols, data = _concat_csr(mapped)
+        n_rows = len(indptr) - 1
+        lens = np.diff(indptr)
+        values = data.astype(np.float32, copy=True)
+        if norm.target_sum is not None:
+            # per-cell totals over every gene the atlas measures, before mapping to the vocabulary
+            totals = np.zeros(n_rows)
+            nonempty = lens > 0
+            if nonempty.any():
+                totals[nonempty] = np.add.reduceat(data, indptr[:-1][nonempty], dtype=np.float64)
+            scale = np.divide(norm.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+            values *= np.repeat(scale.astype(np.float32), lens)
+        if norm.log1p:
+            np.log1p(values, out=values)
+        values *= np.float32(1.0 / norm.scale)
+        if any(src.gene_map is not None for _, src in sets):
+            keep = cols >= 0  # genes outside the vocabulary
+            kept = np.concatenate([[0], np.cumsum(keep)])
+            indptr, cols, values = kept[indptr], cols[keep], values[keep]
+        # scipy's CSR-to-dense writes row by row: faster than a flat scatter
+        out = sp.csr_matrix((values, cols.astype(np.int32, copy=False), indptr), shape=(n_rows, G)).toarray()
+        assert n_rows == len(sets) * m
+        return out
+
+    # -- iteration ---------------------------------------------------------------------------------
+
+    def __iter__(self):
+        epoch, start = self._epoch, self._resume_from
+        items = self._rank_items(epoch)
+        n_batches = len(self)
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        B = self.batch_size
+        for b in range(start + wid, n_batches, nw):
+            batch = self._make_batch(items[b * B : (b + 1) * B], epoch)
+            if info is None:
+                self._position = b + 1
+            yield batch
+        if info is None:
+            self._resume_from = 0
+
+    def loader(self, *, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None, **kwargs):
+        """A `CellSetLoader` over this dataset with ``num_workers`` DataLoader workers."""
+        return CellSetLoader(self, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_plan_cache"] = None
+        return state
+
+
+class CellSetLoader:
+    """A torch DataLoader over a `CellSetDataset` that keeps an exact resumable position.
+
+    DataLoader workers hold copies of the dataset, so only the main process knows how many batches
+    were consumed; this wrapper counts them, so ``state_dict()`` is exact with any ``num_workers``.
+
+    Args:
+        dataset: the `CellSetDataset`.
+        num_workers, pin_memory, prefetch_factor, **kwargs: passed to ``torch.utils.data.DataLoader``.
+    """
+
+    def __init__(self, dataset: CellSetDataset, *, num_workers: int = 0, pin_memory: bool = False, prefetch_factor=None, **kwargs):
+        self.dataset = dataset
+        self.kwargs = dict(num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+        if num_workers > 0 and prefetch_factor is not None:
+            self.kwargs["prefetch_factor"] = prefetch_factor
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        ds = self.dataset
+        start = ds._position = ds._resume_from
+        for count, batch in enumerate(DataLoader(ds, batch_size=None, **self.kwargs), 1):
+            ds._position = start + count
+            yield batch
+        ds._resume_from = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
