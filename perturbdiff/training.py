@@ -59,6 +59,13 @@ MARGINAL = Objective(use_control=False)
 CONDITIONAL = Objective(use_control=True)
 
 
+def _config(model):
+    """The PerturbDiffConfig of a model, also when wrapped (DDP, DeepSpeed engine: ``.module``)."""
+    while hasattr(model, "module"):  # DDP and the DeepSpeed engine (whose own .config is a dict)
+        model = model.module
+    return model.config
+
+
 def _uniform(n: int, generator, device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.rand(n, generator=generator, device=gen_device).to(device)
@@ -70,12 +77,15 @@ def training_step(
     batch: dict,
     objective: Objective = CONDITIONAL,
     generator: torch.Generator | None = None,
+    shared_generator: torch.Generator | None = None,
 ) -> dict:
     """Noise the sets, predict x_0 and return the loss terms (``loss`` has a graph; call backward).
 
     Draws one timestep per set, per-set covariate dropout and control dropout, and a
     self-conditioning pass with probability ``objective.self_cond_prob``. All randomness comes from
-    ``generator`` when given, so a step is reproducible from its state.
+    ``generator`` when given, so a step is reproducible from its state. The self-conditioning coin
+    changes how many forward passes a step makes, which all processes of a sharded model (ZeRO-3)
+    must agree on: a trainer passes a ``shared_generator`` seeded alike on every rank for it.
     """
     x0 = batch["x0"]
     B, device = x0.shape[0], x0.device
@@ -95,7 +105,8 @@ def training_step(
         cond["drop_covariates"] = _uniform(B, generator, device) < objective.cond_drop_prob
 
     self_cond = None
-    use_self_cond = model.config.self_conditioning and float(_uniform(1, generator, device)) < objective.self_cond_prob
+    coin = float(_uniform(1, shared_generator if shared_generator is not None else generator, device))
+    use_self_cond = _config(model).self_conditioning and coin < objective.self_cond_prob
     if use_self_cond:
         with torch.no_grad():
             self_cond = model(x_t, t, **cond).detach()
