@@ -359,39 +359,76 @@ class CellSetDataset(IterableDataset):
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def _read_set(self, src: _Source, group: int, pos: int, rng) -> tuple:
-        """m rows of a group starting at ``pos`` (wrapping), or all rows + resampled ones if short."""
+    def _set_plan(self, src: _Source, group: int, pos: int, rng) -> tuple[list, np.ndarray | None]:
+        """Where a set's m cells are: contiguous atlas row ranges (from ``pos``, wrapping at the
+        group's end) and, for a group shorter than m, the row order that pads it by resampling."""
         m, n, start = self.set_size, int(src.size[group]), int(src.start[group])
-        read = src.atlas.read_rows
         if n >= m:
             pos %= n
             if pos + m <= n:
-                return read(start + pos, start + pos + m)
-            return _concat_csr([read(start + pos, start + n), read(start, start + pos + m - n)])
+                return [(start + pos, start + pos + m)], None
+            return [(start + pos, start + n), (start, start + pos + m - n)], None
         take = np.concatenate([np.arange(n), rng.integers(0, n, m - n)])
         rng.shuffle(take)
-        return _take_rows(*read(start, start + n), take)
+        return [(start, start + n)], take
 
-    def _make_batch(self, items: np.ndarray, epoch: int) -> dict:
-        m, G = self.set_size, self.num_genes
-        conditional = self.mode == "conditional"
-        x0_sets, ctrl_sets, meta = [], [], []
+    def _batch_plan(self, items: np.ndarray, epoch: int) -> list[dict]:
+        """Per set of a batch: its source, group, and the x0 (and control) set plans."""
+        m, conditional = self.set_size, self.mode == "conditional"
+        plans = []
         for s, g, k, p, _ in items:
             src = self.sources[s]
             rng = np.random.default_rng([self.seed, epoch, s, g, k, p, 1])
             # one offset per (group, pass): the group's k-th set is the k-th window from it
             offset = np.random.default_rng([self.seed, epoch, s, g, p, 2]).integers(src.size[g])
-            x0_sets.append((self._read_set(src, g, int(offset) + int(k) * m, rng), src))
+            plan = {"source": src, "group": int(g), "x0": self._set_plan(src, g, int(offset) + int(k) * m, rng)}
             if conditional:
                 cands, probs = src.controls[int(g)]
                 cg = int(cands[0] if len(cands) == 1 else rng.choice(cands, p=probs))
-                ctrl_sets.append((self._read_set(src, cg, int(rng.integers(src.size[cg])), rng), src))
-            meta.append((src, g))
-        dense = self._densify(x0_sets + ctrl_sets)
+                plan["control"] = self._set_plan(src, cg, int(rng.integers(src.size[cg])), rng)
+            plans.append(plan)
+        return plans
+
+    @staticmethod
+    def _read_set(src: _Source, plan) -> tuple:
+        ranges, take = plan
+        parts = [src.atlas.read_rows(a, b) for a, b in ranges]
+        csr = parts[0] if len(parts) == 1 else _concat_csr(parts)
+        return csr if take is None else _take_rows(*csr, take)
+
+    def batch_rows(self, index: int, epoch: int | None = None) -> list[dict]:
+        """The atlas rows of the cells of this rank's batch ``index`` (for inspection and benchmarks).
+
+        Returns one dict per set: ``atlas`` (path), ``group``, ``x0`` and (conditional mode)
+        ``control``: int64 arrays of m atlas row numbers, in the order the batch holds the cells.
+        """
+        epoch = self._epoch if epoch is None else epoch
+        B = self.batch_size
+        items = self._rank_items(epoch)[index * B : (index + 1) * B]
+        out = []
+        for plan in self._batch_plan(items, epoch):
+            row = {"atlas": plan["source"].path, "group": plan["group"]}
+            for key in ("x0", "control"):
+                if key in plan:
+                    ranges, take = plan[key]
+                    rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+                    row[key] = rows if take is None else rows[take]
+            out.append(row)
+        return out
+
+    def _make_batch(self, items: np.ndarray, epoch: int) -> dict:
+        m, G = self.set_size, self.num_genes
+        plans = self._batch_plan(items, epoch)
+        sets = [(self._read_set(p["source"], p["x0"]), p["source"]) for p in plans]
+        conditional = self.mode == "conditional"
+        if conditional:
+            sets += [(self._read_set(p["source"], p["control"]), p["source"]) for p in plans]
+        dense = self._densify(sets)
         B = len(items)
         batch = {"x0": torch.from_numpy(dense[: B * m].reshape(B, m, G))}
         if conditional:
             batch["control"] = torch.from_numpy(dense[B * m :].reshape(B, m, G))
+        meta = [(p["source"], p["group"]) for p in plans]
         for key in ("perturbation", "context", "batch"):
             batch[key] = torch.tensor([src.ids[key][g] for src, g in meta], dtype=torch.int64)
         batch["dose"] = torch.tensor([src.dose[g] for src, g in meta], dtype=torch.float32)

@@ -238,7 +238,7 @@ def write_synthetic_h5ad(
                 "data": X.create_dataset("data", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1 << 18,), **opts),
                 "indices": X.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 18,), **opts),
             }
-            indptr = X.create_dataset("indptr", shape=(num_cells + 1,), dtype="int64", chunks=(1 << 16,), **opts)
+            indptr = X.create_dataset("indptr", shape=(num_cells + 1,), dtype="int64", chunks=(min(1 << 16, num_cells + 1),), **opts)
             indptr[0] = 0
             nnz = 0
             bar = tqdm(total=num_cells, unit="cell", unit_scale=True, disable=not progress, desc=f"write {path.name}")

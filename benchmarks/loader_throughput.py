@@ -1,0 +1,246 @@
+"""Loader and builder throughput and memory on large synthetic atlases; prints JSON.
+
+    python benchmarks/loader_throughput.py --workdir /tmp/perturbdiff-bench          # ~10 min
+    python benchmarks/loader_throughput.py --cells 200000 --big-copies 2 --no-gzip    # quick
+
+What it measures (each in a fresh child process, so every peak RSS is that step's own):
+
+- generation of a ``--cells`` x ``--genes`` synthetic ``.h5ad`` (uncompressed CSR counts);
+- the builder on it (``build_1m``) and on ``--big-copies`` copies of it as separate datasets
+  (``build_4m``; the copies are symlinks, the atlas has ``big-copies`` x ``cells`` cells): time and
+  peak RSS, beside the size of the input's X in memory;
+- the loader (conditional sets of m=256 with their control sets, normalised dense tensors out,
+  one process, no workers) on both atlases: cells/s counting x0 and control cells, and peak RSS;
+- the reference way: the *same* sets (the loader's exact cells, via ``batch_rows``) read from the
+  backed ``.h5ad`` through anndata (``adata[rows].X``), densified and normalised; on the
+  uncompressed input and, unless ``--no-gzip``, on a gzip-compressed copy (how h5ad files are often
+  shipped).
+
+Page caches are warm for every reader (the files were just written). Large files are deleted at the
+end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- child steps ------------------------------------------------------------------------------------
+
+
+def child_generate(a):
+    from perturbdiff.data.synthetic import write_synthetic_h5ad
+
+    t = time.time()
+    write_synthetic_h5ad(a.output, num_cells=a.cells, num_genes=a.genes, compression=a.compression, seed=0, progress=False)
+    import h5py
+
+    with h5py.File(a.output) as f:
+        nnz = int(f["X/data"].shape[0])
+    return {"seconds": time.time() - t, "nnz": nnz, "file_bytes": os.path.getsize(a.output)}
+
+
+def child_build(a):
+    from perturbdiff.data.builder import build_atlas
+    from perturbdiff.data.synthetic import BUILD_COLUMNS
+
+    base = _rss_mb()
+    t = time.time()
+    build_atlas(a.inputs, a.output, overwrite=True, progress=False, **BUILD_COLUMNS)
+    seconds = time.time() - t
+    size = sum(f.stat().st_size for f in Path(a.output).rglob("*") if f.is_file())
+    return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_import_mb": base, "atlas_bytes": size}
+
+
+def _dataset(a):
+    from perturbdiff.data.loader import CellSetDataset
+
+    return CellSetDataset(a.atlas, set_size=a.set_size, batch_size=a.batch_size, seed=0)
+
+
+def child_loader(a):
+    ds = _dataset(a)
+    base = _rss_mb()
+    n_cells = 0
+    if a.workers:
+        it = iter(ds.loader(num_workers=a.workers, prefetch_factor=4))
+    else:
+        it = iter(ds)
+    for _ in range(a.warmup):
+        next(it)
+    t = time.time()
+    for _ in range(a.batches):
+        b = next(it)
+        n_cells += b["x0"].shape[0] * b["x0"].shape[1] + b["control"].shape[0] * b["control"].shape[1]
+    dt = time.time() - t
+    return {
+        "cells_per_s": n_cells / dt,
+        "sets_per_s": a.batches * a.batch_size / dt,
+        "ms_per_batch": dt / a.batches * 1e3,
+        "batches": a.batches,
+        "workers": a.workers,
+        "peak_rss_mb": _rss_mb(),
+        "rss_after_import_mb": base,
+        "num_sets_per_epoch": ds.num_sets,
+    }
+
+
+def child_reference(a):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from perturbdiff.data.store import Atlas
+    from perturbdiff.normalization import Normalization, normalize_counts
+
+    ds = _dataset(a)
+    names = Atlas(a.atlas).read_obs([]).index
+    adata = ad.read_h5ad(a.h5ad, backed="r")
+    to_h5 = pd.Index(adata.obs_names).get_indexer(names)
+    norm = Normalization()
+    plans = [ds.batch_rows(a.warmup + i) for i in range(a.batches)]  # the loader's measured batches
+    n_cells = 0
+    t = time.time()
+    for sets in plans:
+        out = {}
+        for key in ("x0", "control"):
+            blocks = []
+            for s in sets:
+                rows = to_h5[s[key]]
+                uniq, inverse = np.unique(rows, return_inverse=True)  # backed indexing wants sorted, unique rows
+                x = adata[uniq].X
+                x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+                blocks.append(x[inverse])
+            out[key] = normalize_counts(torch.from_numpy(np.stack(blocks)), norm)
+            n_cells += out[key].shape[0] * out[key].shape[1]
+    dt = time.time() - t
+    return {"cells_per_s": n_cells / dt, "sets_per_s": a.batches * a.batch_size / dt, "ms_per_batch": dt / a.batches * 1e3,
+            "batches": a.batches, "h5ad": str(a.h5ad), "peak_rss_mb": _rss_mb()}
+
+
+CHILDREN = {"generate": child_generate, "build": child_build, "loader": child_loader, "reference": child_reference}
+
+
+def run_child(step: str, **kw) -> dict:
+    args = [sys.executable, __file__, "--child", step]
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, (list, tuple)):
+            args += [flag, *map(str, v)]
+        elif v is not None:
+            args += [flag, str(v)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {step} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- driver ------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/perturbdiff-bench")
+    p.add_argument("--cells", type=int, default=1_000_000)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--big-copies", type=int, default=4)
+    p.add_argument("--set-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=60, help="loader batches measured")
+    p.add_argument("--reference-batches", type=int, default=8, help="batches measured on the h5ad path")
+    p.add_argument("--no-gzip", action="store_true", help="skip the gzip-compressed h5ad reference")
+    p.add_argument("--keep", action="store_true", help="keep the generated files")
+    # child-process arguments
+    p.add_argument("--child", choices=sorted(CHILDREN))
+    p.add_argument("--output")
+    p.add_argument("--inputs", nargs="*")
+    p.add_argument("--compression")
+    p.add_argument("--atlas")
+    p.add_argument("--h5ad")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=3)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(CHILDREN[a.child](a)))
+        return 0
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    h5 = work / "input.h5ad"
+    atlas1, atlas4 = work / "atlas_1m.zarr", work / "atlas_big.zarr"
+    common = dict(set_size=a.set_size, batch_size=a.batch_size)
+    out = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "config": {"cells": a.cells, "genes": a.genes, "big_cells": a.cells * a.big_copies, "set_size": a.set_size,
+                   "batch_size": a.batch_size, "cells_per_s_counts": "x0 + control cells, normalised dense float32 out"},
+    }
+    try:
+        _log(f"generating {a.cells:,} x {a.genes:,} h5ad")
+        gen = run_child("generate", output=h5, cells=a.cells, genes=a.genes)
+        gen["x_in_memory_bytes"] = gen["nnz"] * 8 + (a.cells + 1) * 8  # float32 data + int32 indices + int64 indptr
+        out["input"] = gen
+        _log(f"building {atlas1.name}")
+        out["build_1m"] = run_child("build", inputs=[h5], output=atlas1)
+        out["build_1m"]["input_x_bytes"] = gen["x_in_memory_bytes"]
+        copies = []
+        for i in range(a.big_copies):
+            link = work / f"copy{i}.h5ad"
+            if link.exists() or link.is_symlink():
+                link.unlink()
+            link.symlink_to(h5)
+            copies.append(link)
+        _log(f"building {atlas4.name} from {a.big_copies} inputs")
+        out["build_4m"] = run_child("build", inputs=copies, output=atlas4)
+        out["build_4m"]["input_x_bytes"] = gen["x_in_memory_bytes"] * a.big_copies
+        _log("loader on the 1M atlas")
+        out["loader_1m"] = run_child("loader", atlas=atlas1, batches=a.batches, **common)
+        _log("loader on the big atlas")
+        out["loader_4m"] = run_child("loader", atlas=atlas4, batches=a.batches, **common)
+        _log("loader with 2 DataLoader workers")
+        out["loader_1m_2workers"] = run_child("loader", atlas=atlas1, batches=a.batches, workers=2, **common)
+        _log("reference: the same sets from the backed h5ad through anndata")
+        out["reference_h5ad"] = run_child("reference", atlas=atlas1, h5ad=h5, batches=a.reference_batches, **common)
+        if not a.no_gzip:
+            gz = work / "input_gzip.h5ad"
+            _log("generating the gzip-compressed h5ad (same cells)")
+            out["input_gzip"] = run_child("generate", output=gz, cells=a.cells, genes=a.genes, compression="gzip")
+            out["reference_h5ad_gzip"] = run_child("reference", atlas=atlas1, h5ad=gz, batches=a.reference_batches, **common)
+        loader = out["loader_1m"]["cells_per_s"]
+        out["speedup_vs_h5ad"] = loader / out["reference_h5ad"]["cells_per_s"]
+        if "reference_h5ad_gzip" in out:
+            out["speedup_vs_h5ad_gzip"] = loader / out["reference_h5ad_gzip"]["cells_per_s"]
+        out["targets"] = {
+            "loader_50k_cells_per_s": loader >= 50_000,
+            "speedup_20x_vs_backed_h5ad_uncompressed": out["speedup_vs_h5ad"] >= 20,
+            "speedup_20x_vs_backed_h5ad_gzip": out.get("speedup_vs_h5ad_gzip", 0) >= 20,
+            "loader_rss_growth_1m_to_big_mb": out["loader_4m"]["peak_rss_mb"] - out["loader_1m"]["peak_rss_mb"],
+            "builder_peak_rss_under_2gib": max(out["build_1m"]["peak_rss_mb"], out["build_4m"]["peak_rss_mb"]) < 2048,
+            "builder_input_larger_than_2gib": out["build_1m"]["input_x_bytes"] > 2 * 2**30,
+        }
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
