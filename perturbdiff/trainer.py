@@ -493,7 +493,8 @@ class Trainer:
         batches = self._batches()
         start, window_t, window_cells = time.time(), time.time(), 0
         running = {"loss": 0.0, "mmd": 0.0, "mse": 0.0}
-        micro, first_step = 0, self.step
+        postfix: dict = {}
+        first_step = self.step
         while self.step < t.max_steps:
             if t.stop_after_steps and self.step - first_step >= t.stop_after_steps:
                 bar.close()
@@ -518,7 +519,6 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             for k in running:
                 running[k] += out[k].detach().float().item() / o.grad_accum
-            micro += 1
             if not acc.sync_gradients:
                 continue
 
@@ -538,7 +538,8 @@ class Trainer:
                 window_t, window_cells = now, 0
             if t.val_every and (self.step % t.val_every == 0 or self.step == t.max_steps):
                 logs["val_loss"] = self.validate()
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "lr", "cells_per_s", "val_loss")})
+            postfix.update({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "lr", "cells_per_s", "val_loss")})
+            bar.set_postfix(postfix)
             self._log(logs)
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                 self.save_checkpoint()

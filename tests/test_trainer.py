@@ -87,12 +87,13 @@ def test_single_process_run_writes_export_checkpoints_and_logs(env, tmp_path):
 
 def test_resumed_run_continues_with_identical_losses(env, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    launch(env, full, "train.save_every=2")
-    proc = launch(env, split, "train.save_every=2", "train.stop_after_steps=3")
+    proc = launch(env, full, "train.save_every=2", "optim.grad_accum=2")
+    assert "2 sets x 16 cells x 2 accumulation x 1 processes = 64 cells per optimizer step" in proc.stdout
+    proc = launch(env, split, "train.save_every=2", "train.stop_after_steps=3", "optim.grad_accum=2")
     assert "continue with --resume" in proc.stdout
     assert not (split / "model").exists()
     assert max(metrics(split)) == 3
-    proc = launch(env, split, "train.save_every=2", "--resume")
+    proc = launch(env, split, "train.save_every=2", "optim.grad_accum=2", "--resume")
     assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
     a, b = metrics(full), metrics(split)
     assert sorted(a) == sorted(b) == list(range(1, 7))
