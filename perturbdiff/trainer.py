@@ -44,6 +44,7 @@ class ModelSection:
     preset: str = "small"
     overrides: dict = field(default_factory=dict)  # any PerturbDiffConfig field, e.g. num_layers
     base: str | None = None  # a pretrained export to start from (finetuning)
+    new_genes: str = "add"  # screen genes the base lacks: "add" (new rows) or "drop"
 
 
 @dataclass
@@ -58,6 +59,9 @@ class DataSection:
     split_file: str | None = None
     val_fraction: float = 0.05  # groups held out for the validation loss when no split is given
     val_batches: int = 4  # micro-batches per process per validation
+    # .h5ad inputs in `atlas` are built into OUTPUT/atlases/<name>.zarr first, with these
+    # `build_atlas` arguments (perturbation_key, control_label, context_key, batch_key, dose_key, ...)
+    columns: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -273,10 +277,12 @@ class Trainer:
             made from ``cfg.model`` and the data's vocabularies.
         model: an already-built model (finetuning passes the adapted base model).
         model_card: extra lines for the export's README (finetuning records its base and screen).
+        model_factory: ``f(data_vocabulary) -> model``, called once the data's vocabularies are known
+            (finetuning adapts its base model to the screen's genes and covariates here).
     """
 
     def __init__(self, cfg: TrainConfig, model_config: PerturbDiffConfig | None = None,
-                 model: PerturbDiffModel | None = None, model_card: dict | None = None):
+                 model: PerturbDiffModel | None = None, model_card: dict | None = None, model_factory=None):
         from accelerate import Accelerator
         from accelerate.utils import (
             DeepSpeedPlugin,
@@ -337,13 +343,15 @@ class Trainer:
         # Decisions every rank must share (whether a step runs a self-conditioning pass).
         self.shared_generator = torch.Generator().manual_seed(t.seed * 1_000_003 - 1)
 
-        if model is not None:
-            model_config = model.config
-        self.train_data, self.val_data, vocab = self._build_data(model_config)
+        atlases = self._open_atlases()
+        data_vocab = self._data_vocabulary(atlases)
+        if model is None and model_factory is not None:
+            model = model_factory(data_vocab)
         if model is None:
             if model_config is None:
-                model_config = PerturbDiffConfig.from_preset(cfg.model.preset, **{**vocab, **cfg.model.overrides})
+                model_config = PerturbDiffConfig.from_preset(cfg.model.preset, **{**data_vocab, **cfg.model.overrides})
             model = PerturbDiffModel(model_config)
+        self.train_data, self.val_data = self._build_loaders(atlases, model.config, data_vocab)
         self.model_config = model.config
         self.model_card = model_card or {}
         self.diffusion = GaussianDiffusion.from_config(self.model_config)
@@ -369,40 +377,52 @@ class Trainer:
             assert ds_cfg["train_batch_size"] * d.set_size == self.cells_per_step, "DeepSpeed batch arithmetic"
 
     # ------------------------------------------------------------------ data
-    def _build_data(self, model_config: PerturbDiffConfig | None):
-        """Training and validation loaders for this rank, and the vocabularies of the data.
+    def _open_atlases(self) -> list:
+        """The run's atlases; ``.h5ad`` inputs are built into ``OUTPUT/atlases`` first (once)."""
+        from .data import Atlas, build_atlas, ensure_default_atlas
 
-        With a ``model_config`` (a base model), the loaders use its gene and covariate vocabularies;
-        otherwise the model is made for the data: its genes and covariates are the atlases'.
-        """
-        from .data import Atlas, CellSetDataset, SplitSpec, atlas_vocabularies, ensure_default_atlas, gene_vocabulary
+        d = self.cfg.data
+        paths = []
+        with self.accelerator.main_process_first():  # one process builds, the others then open
+            for p in [Path(p) for p in d.atlas] or [ensure_default_atlas()]:
+                if not p.exists():
+                    raise FileNotFoundError(f"atlas {p} does not exist (build one with `perturbdiff atlas build`)")
+                if p.suffix == ".h5ad":
+                    built = self.output_dir / "atlases" / f"{p.stem}.zarr"
+                    if not _complete_atlas(built):
+                        self._print(f"building atlas {built} from {p}")
+                        build_atlas(p, built, overwrite=True, progress=self.accelerator.is_main_process, **d.columns)
+                    p = built
+                paths.append(p)
+        return [Atlas(p) for p in paths]
+
+    def _data_vocabulary(self, atlases) -> dict:
+        """Genes (union of highly variable genes) and covariate names of the atlases."""
+        from .data import atlas_vocabularies, gene_vocabulary
+
+        vocab = atlas_vocabularies(atlases)
+        return {
+            "gene_names": gene_vocabulary(atlases),
+            # the marginal stage has no perturbation label: finetuning adds the vocabulary
+            "perturbation_names": [] if self.cfg.train.objective == "marginal" else vocab["perturbation"],
+            "context_names": vocab["context"],
+            "batch_names": vocab["batch"],
+        }
+
+    def _build_loaders(self, atlases, config: PerturbDiffConfig, data_vocab: dict):
+        """Training and validation loaders for this rank, in the model's vocabularies."""
+        from .data import CellSetDataset, SplitSpec
 
         d, t = self.cfg.data, self.cfg.train
-        with self.accelerator.main_process_first():  # one process builds the default atlas
-            paths = [Path(p) for p in d.atlas] if d.atlas else [ensure_default_atlas()]
-        for p in paths:
-            if not p.exists():
-                raise FileNotFoundError(f"atlas {p} does not exist (build one with `perturbdiff atlas build`)")
-        atlases = [Atlas(p) for p in paths]
+        paths = [a.path for a in atlases]
+        data_genes = set(data_vocab["gene_names"]) | {g for a in atlases for g in a.gene_names}
+        shared = sum(g in data_genes for g in config.gene_names or [])
+        if config.gene_names is None or shared < 0.5 * config.num_genes:
+            raise ValueError(
+                f"the atlas genes do not match the model: {shared} of the model's {config.num_genes} genes are in "
+                f"{', '.join(map(str, paths))}; finetune with gene mapping (finetune/run.py) or build a matching atlas"
+            )
         mode = "marginal" if t.objective == "marginal" else "conditional"
-
-        if model_config is not None:
-            names = {"gene_names": model_config.gene_names, "perturbation_names": model_config.perturbation_names,
-                     "context_names": model_config.context_names, "batch_names": model_config.batch_names}
-            data_genes = set(gene_vocabulary(atlases))
-            shared = sum(g in data_genes for g in model_config.gene_names)
-            if shared < 0.5 * model_config.num_genes:
-                raise ValueError(
-                    f"the atlas genes do not match the model: {shared} of the model's {model_config.num_genes} genes "
-                    f"are in {', '.join(map(str, paths))} ({len(data_genes)} genes)"
-                )
-        else:
-            vocab = atlas_vocabularies(atlases)
-            names = {"gene_names": gene_vocabulary(atlases),
-                     # the marginal stage has no perturbation label: finetuning adds the vocabulary
-                     "perturbation_names": [] if mode == "marginal" else vocab["perturbation"],
-                     "context_names": vocab["context"], "batch_names": vocab["batch"]}
-
         spec = None
         if d.split_file:
             spec = SplitSpec.load(d.split_file)
@@ -410,10 +430,10 @@ class Trainer:
             spec = SplitSpec.held_out(d.heldout_contexts, d.heldout_perturbations, split="test")
         spec = _with_validation_groups(spec, atlases, d.val_fraction, seed=t.seed)
 
-        common = dict(set_size=d.set_size, batch_size=d.batch_size, weights=d.weights, normalization=None,
-                      mode=mode, held_out=spec, rank=self.rank, world_size=self.world_size, **names)
-        if model_config is not None:
-            common["normalization"] = model_config.norm
+        common = dict(set_size=d.set_size, batch_size=d.batch_size, weights=d.weights, normalization=config.norm,
+                      gene_names=config.gene_names, perturbation_names=config.perturbation_names,
+                      context_names=config.context_names, batch_names=config.batch_names,
+                      mode=mode, held_out=spec, rank=self.rank, world_size=self.world_size)
         train = CellSetDataset(atlases, split="train", seed=t.seed, drop_last=True, return_set_ids=True, **common)
         if len(train) == 0:
             raise ValueError(
@@ -428,8 +448,7 @@ class Trainer:
                 self._print(f"no validation loss: {err}")
         self._print(f"data: {', '.join(map(str, paths))}: {train.num_sets} training sets per epoch "
                     f"({len(train)} batches per process)" + (f", {val.num_sets} validation sets" if val else ""))
-        train_loader = train.loader(num_workers=d.num_workers)
-        return train_loader, val, names
+        return train.loader(num_workers=d.num_workers), val
 
     def _to_device(self, batch: dict) -> dict:
         dev = self.accelerator.device
@@ -722,6 +741,18 @@ class Trainer:
         print(f"pushed {export_dir} to the hub as {self.cfg.push_to_hub}")
 
 
+def _complete_atlas(path: Path) -> bool:
+    from .data import Atlas, AtlasError
+
+    if not path.exists():
+        return False
+    try:
+        Atlas(path)
+        return True
+    except AtlasError:
+        return False
+
+
 def _with_validation_groups(spec, atlases, fraction: float, seed: int):
     """Add a ``val`` split of about ``fraction`` of the training (context, perturbation) pairs.
 
@@ -793,30 +824,85 @@ def build_arg_parser(description: str, default_config: str | os.PathLike):
     p.add_argument("--seed", type=int)
     p.add_argument("--preset", help="model size preset (debug, small, base, large)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the final export to the hub")
+    g = p.add_argument_group("finetuning and .h5ad inputs")
+    g.add_argument("--base", help="a pretrained export (from_pretrained folder) to start from")
+    g.add_argument("--screen", nargs="+", help="the screen: atlas(es) or .h5ad file(s) (same as --atlas)")
+    g.add_argument("--new-genes", choices=["add", "drop"], help="screen genes the base lacks: add rows or drop them")
+    g.add_argument("--perturbation-key", help="obs column of the perturbation (.h5ad inputs)")
+    g.add_argument("--control-label", help="perturbation label of control cells (.h5ad inputs)")
+    g.add_argument("--context-key", help="obs column of the context: cell type / line (.h5ad inputs)")
+    g.add_argument("--batch-key", help="obs column of the batch (.h5ad inputs)")
+    g.add_argument("--dose-key", help="obs column of the dose (.h5ad inputs)")
+    g.add_argument("--input-log1p", action="store_true", default=None, help="X holds log1p-normalised values")
+    g.add_argument("--heldout-contexts", nargs="+", help="held-out contexts (test = these x held-out perturbations)")
+    g.add_argument("--heldout-perturbations", nargs="+", help="held-out perturbations")
+    g.add_argument("--split-file", help="a split file (STATE TOML or JSON)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
 
 def config_from_args(args) -> TrainConfig:
-    overrides = [o for o in args.overrides]
+    if args.atlas and args.screen:
+        raise ValueError("give the data with --atlas or --screen, not both")
     flags = {
-        "data.atlas": args.atlas, "data.weights": args.atlas_weights, "output_dir": args.output_dir,
+        "data.atlas": args.atlas or args.screen, "data.weights": args.atlas_weights, "output_dir": args.output_dir,
         "train.max_steps": args.max_steps, "deepspeed": args.deepspeed, "train.seed": args.seed,
         "model.preset": args.preset, "push_to_hub": args.push_to_hub, "resume": args.resume or None,
+        "model.base": args.base, "model.new_genes": args.new_genes, "data.split_file": args.split_file,
+        "data.heldout_contexts": args.heldout_contexts, "data.heldout_perturbations": args.heldout_perturbations,
     }
     extra = {k: v for k, v in flags.items() if v is not None}
-    cfg = load_train_config(args.config, overrides)
-    return load_train_config(None, {**_flat_nested(cfg.to_dict()), **extra})
+    columns = {k: getattr(args, k) for k in ("perturbation_key", "control_label", "context_key", "batch_key",
+                                             "dose_key", "input_log1p") if getattr(args, k) is not None}
+    cfg = load_train_config(args.config, args.overrides)
+    flat = _flat_nested(cfg.to_dict())
+    if columns:
+        flat["data.columns"] = {**cfg.data.columns, **columns}
+    return load_train_config(None, {**flat, **extra})
 
 
 def _flat_nested(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k != "overrides":
+        if isinstance(v, dict) and k not in ("overrides", "columns"):
             out.update(_flat_nested(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def base_model_factory(cfg: TrainConfig):
+    """``f(data_vocabulary) -> model``: the base export adapted to the data's genes and covariates.
+
+    Base names keep their ids and learned rows; the data's new perturbations, contexts and batches
+    are appended; genes the base lacks are appended (``model.new_genes: add``) or left out (``drop``).
+    """
+    from .adapt import adapt_model, extend_vocabulary
+
+    base_dir = Path(cfg.model.base)
+    if not (base_dir / "config.json").exists():
+        raise FileNotFoundError(f"base model {base_dir} has no config.json (expected a save_pretrained folder)")
+    if cfg.model.new_genes not in ("add", "drop"):
+        raise ValueError(f"model.new_genes must be 'add' or 'drop', got {cfg.model.new_genes!r}")
+
+    def factory(vocab: dict) -> PerturbDiffModel:
+        base = PerturbDiffModel.from_pretrained(base_dir)
+        bc = base.config
+        genes = extend_vocabulary(bc.gene_names, vocab["gene_names"]) if cfg.model.new_genes == "add" else bc.gene_names
+        model, report = adapt_model(
+            base, gene_names=genes,
+            perturbation_names=extend_vocabulary(bc.perturbation_names, vocab["perturbation_names"]),
+            context_names=extend_vocabulary(bc.context_names, vocab["context_names"]),
+            batch_names=extend_vocabulary(bc.batch_names, vocab["batch_names"]), seed=cfg.train.seed,
+        )
+        in_data = set(vocab["gene_names"])
+        print(f"base model {base_dir}: genes {report['genes']['shared']} kept, {report['genes']['new']} added "
+              f"({sum(g in in_data for g in bc.gene_names)} of the base's {bc.num_genes} genes are among the "
+              f"screen's {len(in_data)}); perturbations {report['perturbation']}, contexts {report['context']}, "
+              f"batches {report['batch']}", flush=True)
+        return model
+
+    return factory
 
 
 def main(argv: list[str] | None = None, *, description: str = "PerturbDiff training",
@@ -824,7 +910,10 @@ def main(argv: list[str] | None = None, *, description: str = "PerturbDiff train
     """Entry point shared by ``pretrain/run.py``: parse, build the trainer, fit, export."""
     args = build_arg_parser(description, default_config).parse_args(argv)
     cfg = config_from_args(args)
-    trainer = Trainer(cfg)
+    factory, card = None, {}
+    if cfg.model.base:
+        factory, card = base_model_factory(cfg), {"base model": cfg.model.base, "screen": ", ".join(map(str, cfg.data.atlas))}
+    trainer = Trainer(cfg, model_factory=factory, model_card=card)
     try:
         return trainer.fit()
     finally:

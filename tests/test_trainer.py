@@ -144,3 +144,48 @@ def test_deepspeed_zero_runs_and_resumes(env, tmp_path, stage):
     for step in range(1, 7):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-7), step
     assert model.config.num_genes > 0
+
+
+FINETUNE = ROOT / "finetune" / "run.py"
+FT_TINY = ROOT / "finetune" / "configs" / "tiny.yaml"
+
+
+def test_finetune_from_a_pretrained_export_on_an_h5ad_screen(env, tmp_path):
+    from perturbdiff.data import make_synthetic_adata
+
+    base = tmp_path / "pre"
+    launch(env, base)
+    # a new screen: other genes partly, other column names, a new cell type and perturbation names
+    screen = make_synthetic_adata(num_cells=1500, num_genes=220, num_contexts=2, num_perturbations=3, seed=5)
+    screen.obs = screen.obs.rename(columns={"perturbation": "drug", "cell_type": "line", "batch": "plate"})
+    screen.obs["drug"] = screen.obs["drug"].astype(str).replace({"control": "DMSO"})
+    screen.obs["line"] = screen.obs["line"].astype(str).replace({"celltype1": "A549"})
+    h5ad = tmp_path / "screen.h5ad"
+    screen.write_h5ad(h5ad)
+    out = tmp_path / "ft"
+    cmd = [sys.executable, str(FINETUNE), "--config", str(FT_TINY), "--output-dir", str(out), "--base", str(base / "model"),
+           "--screen", str(h5ad), "--perturbation-key", "drug", "--control-label", "DMSO", "--context-key", "line",
+           "--batch-key", "plate", "--heldout-contexts", "A549", "--heldout-perturbations", "PERT1"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "conditional training" in proc.stdout and "genes 200 kept" in proc.stdout
+    assert (out / "atlases" / "screen.zarr").exists()
+    base_model = pd.PerturbDiffModel.from_pretrained(base / "model")
+    model = pd.PerturbDiffModel.from_pretrained(out / "model")
+    c = model.config
+    assert c.gene_names[:200] == base_model.config.gene_names  # base genes first, same ids
+    assert len(c.gene_names) > 200  # the screen's own genes were added
+    assert c.context_names[: len(base_model.config.context_names)] == base_model.config.context_names
+    assert "A549" in c.context_names and "DMSO" in c.perturbation_names and "PERT1" in c.perturbation_names
+    card = (out / "model" / "README.md").read_text()
+    assert "objective: conditional" in card and f"base model: {base / 'model'}" in card and "screen.h5ad" in card
+    ctrl = torch.rand(2, 8, c.num_genes)
+    sets = pd.sample_sets(model, control=ctrl, perturbation=c.encode("perturbation", ["PERT1", "PERT1"]),
+                          context=c.encode("context", ["A549", "A549"]), num_steps=4)
+    assert sets.shape == ctrl.shape and torch.isfinite(sets).all()
+
+    # a column that the screen does not have fails early, naming the columns present
+    bad = [sys.executable, str(FINETUNE), "--config", str(FT_TINY), "--output-dir", str(tmp_path / "bad"),
+           "--base", str(base / "model"), "--screen", str(h5ad), "--perturbation-key", "compound"]
+    proc = subprocess.run(bad, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "compound" in proc.stderr and "drug" in proc.stderr

@@ -1,0 +1,114 @@
+"""Adapt a trained model to new vocabularies: the step between a pretrained export and finetuning.
+
+Names shared with the base keep their learned rows: covariate embeddings for perturbations,
+contexts and batches seen by the base, and for shared genes the columns of the input projections
+and the rows of the output projection. New names get freshly initialised rows. Everything else
+(blocks, timestep and dose embedders) is copied unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .configuration import COVARIATES, PerturbDiffConfig
+from .modeling import PerturbDiffModel
+
+__all__ = ["extend_vocabulary", "adapt_model"]
+
+
+def extend_vocabulary(base: Sequence[str], new: Sequence[str]) -> list[str]:
+    """The base names in their order, then the new names not yet in it (so base ids do not move)."""
+    seen = set(base)
+    out = list(base)
+    for n in new:
+        if n not in seen:
+            out.append(n)
+            seen.add(n)
+    return out
+
+
+@torch.no_grad()
+def adapt_model(
+    base: PerturbDiffModel,
+    *,
+    gene_names: Sequence[str] | None = None,
+    perturbation_names: Sequence[str] | None = None,
+    context_names: Sequence[str] | None = None,
+    batch_names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> tuple[PerturbDiffModel, dict]:
+    """A new model with the given vocabularies, carrying over everything the base knows.
+
+    Args:
+        base: the trained model.
+        gene_names: the new gene vocabulary (any order; ``None`` keeps the base's).
+        perturbation_names, context_names, batch_names: new covariate vocabularies; ``None`` keeps the
+            base's. Use :func:`extend_vocabulary` to keep every base name and id.
+        seed: seed of the initialisation of new rows.
+    Returns:
+        the adapted model and a report: shared / new / dropped counts per vocabulary.
+    """
+    bc = base.config
+    if bc.gene_names is None and gene_names is not None:
+        raise ValueError("the base model has no gene names: its genes cannot be matched by name")
+    vocab = {
+        "gene_names": list(gene_names) if gene_names is not None else bc.gene_names,
+        "perturbation_names": list(perturbation_names) if perturbation_names is not None else bc.perturbation_names,
+        "context_names": list(context_names) if context_names is not None else bc.context_names,
+        "batch_names": list(batch_names) if batch_names is not None else bc.batch_names,
+    }
+    cfg_dict = bc.to_dict()
+    for key in ("num_genes", "model_type", "transformers_version", "architectures"):
+        cfg_dict.pop(key, None)
+    config = PerturbDiffConfig(**{**cfg_dict, **vocab})
+    torch.manual_seed(seed)
+    model = PerturbDiffModel(config)
+    model.to(next(base.parameters()).dtype)
+
+    report = {}
+    old_sd, new_sd = base.state_dict(), model.state_dict()
+    handled = set()
+
+    # covariate tables: row 0 (null) and every shared name keep their embedding
+    for cov in COVARIATES:
+        key = f"covariate_embedder.{cov}.weight"
+        old_names, new_names = bc.vocabulary(cov), config.vocabulary(cov)
+        old_pos = {n: i + 1 for i, n in enumerate(old_names)}
+        pairs = [(0, 0)] + [(j + 1, old_pos[n]) for j, n in enumerate(new_names) if n in old_pos]
+        dst, src = (torch.tensor(x) for x in zip(*pairs))
+        new_sd[key][dst] = old_sd[key][src]
+        handled.add(key)
+        report[cov] = _counts(old_names, new_names)
+
+    # genes: input columns (x_t and self-conditioning halves, control) and output rows
+    old_genes = bc.gene_names or [str(i) for i in range(bc.num_genes)]
+    old_g = {g: i for i, g in enumerate(old_genes)}
+    pairs = [(j, old_g[g]) for j, g in enumerate(config.gene_names or old_genes) if g in old_g]
+    if not pairs:
+        raise ValueError("the new gene vocabulary shares no gene with the base model")
+    dst, src = (torch.tensor(x) for x in zip(*pairs))
+    G_old, G_new = bc.num_genes, config.num_genes
+    halves = 2 if bc.self_conditioning else 1
+    for h in range(halves):
+        new_sd["x_embed.weight"][:, dst + h * G_new] = old_sd["x_embed.weight"][:, src + h * G_old]
+    new_sd["c_embed.weight"][:, dst] = old_sd["c_embed.weight"][:, src]
+    new_sd["final_layer.linear.weight"][dst] = old_sd["final_layer.linear.weight"][src]
+    new_sd["final_layer.linear.bias"][dst] = old_sd["final_layer.linear.bias"][src]
+    handled |= {"x_embed.weight", "c_embed.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
+    report["genes"] = _counts(old_genes, config.gene_names or old_genes)
+
+    for key, value in old_sd.items():  # everything else has the same shape
+        if key in handled:
+            continue
+        if new_sd[key].shape != value.shape:
+            raise ValueError(f"cannot carry over {key}: base {tuple(value.shape)}, new {tuple(new_sd[key].shape)}")
+        new_sd[key] = value
+    model.load_state_dict(new_sd)
+    return model, report
+
+
+def _counts(old: Sequence[str], new: Sequence[str]) -> dict:
+    old_set, new_set = set(old), set(new)
+    return {"shared": len(old_set & new_set), "new": len(new_set - old_set), "dropped": len(old_set - new_set)}

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+import perturbdiff as pd
+from perturbdiff.adapt import adapt_model, extend_vocabulary
+
+
+def test_extend_vocabulary_keeps_base_ids():
+    assert extend_vocabulary(["a", "b"], ["c", "b", "d", "c"]) == ["a", "b", "c", "d"]
+
+
+def test_adapted_model_keeps_what_the_base_knows(tiny_model, tiny_config):
+    base_genes = tiny_config.gene_names
+    # new order, two base genes dropped, three new genes
+    genes = list(reversed(base_genes[2:])) + ["NEW1", "NEW2", "NEW3"]
+    perts = extend_vocabulary(tiny_config.perturbation_names, ["IL6", "TNF"])
+    model, report = adapt_model(tiny_model, gene_names=genes, perturbation_names=perts)
+    model.eval()
+    assert report["genes"] == {"shared": 10, "new": 3, "dropped": 2}
+    assert report["perturbation"] == {"shared": 3, "new": 1, "dropped": 0}
+    assert model.config.gene_names == genes and model.config.perturbation_names == perts
+
+    g = torch.Generator().manual_seed(0)
+    B, m = 2, 5
+    x_base = torch.randn(B, m, 12, generator=g)
+    x_base[..., :2] = 0  # the dropped genes carry nothing
+    sc = torch.rand(B, m, 12, generator=g)
+    sc[..., :2] = 0
+    ctrl = torch.rand(B, m, 12, generator=g)
+    ctrl[..., :2] = 0
+    idx = torch.tensor([base_genes.index(x) for x in genes[:10]])
+
+    def to_new(t):  # base gene order -> new order, new genes zero
+        return torch.cat([t[..., idx], torch.zeros(B, m, 3)], dim=-1)
+
+    cond = dict(perturbation=tiny_config.encode("perturbation", ["IFNB", "TNF"]), context=torch.tensor([1, 2]),
+                batch=torch.tensor([0, 1]), dose=torch.tensor([1.0, 3.0]), perturbation_features=torch.randn(B, 5, generator=g))
+    t = torch.tensor([10, 500])
+    expected = tiny_model(x_base, t, self_cond=sc, control=ctrl, **cond)[..., idx]
+    got = model(to_new(x_base), t, self_cond=to_new(sc), control=to_new(ctrl), **cond)[..., :10]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # and the new perturbation has its own (new) embedding
+    new_id = model.config.encode("perturbation", ["IL6"])
+    assert not torch.equal(model.covariate_embedder.perturbation.weight[new_id], model.covariate_embedder.perturbation.weight[0:1])
+
+
+def test_adapt_refuses_disjoint_genes(tiny_model):
+    with pytest.raises(ValueError, match="shares no gene"):
+        adapt_model(tiny_model, gene_names=["X1", "X2"])
