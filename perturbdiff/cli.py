@@ -14,6 +14,8 @@ import sys
 # name -> "module:function" that adds the subparser (the function sets ``func`` on it).
 _SUBCOMMANDS: dict[str, str] = {
     "atlas": "perturbdiff.data.cli:add_parser",
+    "predict": "perturbdiff.pipeline:add_parser",
+    "evaluate": "perturbdiff.evaluation:add_parser",
 }
 
 

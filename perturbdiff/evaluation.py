@@ -1,0 +1,697 @@
+"""Evaluation: predicted vs real perturbed cells, beside simple baselines.
+
+``evaluate(pred, real, train)`` (and ``perturbdiff evaluate``) scores every *condition* =
+(perturbation, context) present in both the prediction and the held-out truth:
+
+- Arc Institute's cell-eval metrics (``cell-eval`` package), run per context with that context's
+  control cells as the reference: pearson_delta, mse / mae (and their delta versions),
+  overlap_at_N / precision_at_N of DE genes (Wilcoxon, BH FDR 0.05), de_direction_match,
+  de_spearman_lfc_sig, de_spearman_sig, roc_auc / pr_auc, ...
+- the discrimination score (l1, l2, cosine) with cell-eval's formula but ranked among *all*
+  evaluated conditions, not only the perturbations of one context;
+- R² of the mean profile (``r2_mean``) and of the mean shift from control (``r2_delta``);
+- the energy distance between predicted and real cells in a PCA of the real data
+  (``energy_distance``; mean and sd over predicted populations).
+
+The same metrics are computed for baselines built on the same split (all in log1p space; shifted
+cells are clipped at 0). With c the held-out context, p the perturbation, ctrl_c the control cells
+of c (from ``real``, else from ``train``) and means taken over ``train`` cells:
+
+- ``control_mean``: ctrl_c itself (no effect).
+- ``perturbation_mean``: ctrl_c shifted so that its mean is the pooled mean of p's cells in the
+  other contexts (the perturbed profile elsewhere, ignoring c's own baseline).
+- ``additive_shift``: ctrl_c + Δ_p, Δ_p = average over other contexts c' of
+  (mean of p in c' − mean of controls in c'); its mean is ctrl_c's mean + Δ_p (linear additive).
+- ``context_mean``: ctrl_c shifted so that its mean is the mean of all perturbed cells of c.
+
+A baseline that cannot be formed for a condition (p seen in no other context, no perturbed cell
+of c in train) falls back to ctrl_c and is flagged in the ``fallback`` column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .losses import energy_distance
+from .normalization import Normalization, normalize_counts
+from .pipeline import detect_input_space
+
+__all__ = ["Evaluation", "evaluate", "BASELINES", "HEADLINE_METRICS", "add_parser"]
+
+BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean")
+_TRAIN_BASELINES = ("perturbation_mean", "additive_shift", "context_mean")
+# (metric, better) shown in the summary; "max" = higher is better.
+HEADLINE_METRICS = (
+    ("pearson_delta", "max"),
+    ("mse", "min"),
+    ("mae", "min"),
+    ("discrimination_score_l1", "max"),
+    ("overlap_at_N", "max"),
+    ("precision_at_N", "max"),
+    ("de_direction_match", "max"),
+    ("de_spearman_lfc_sig", "max"),
+    ("roc_auc", "max"),
+    ("pr_auc", "max"),
+    ("r2_mean", "max"),
+    ("r2_delta", "max"),
+    ("energy_distance", "min"),
+)
+# Clustering agreement needs Leiden over many perturbations per context and is slow and unstable
+# on small test sets; our discrimination scores replace cell-eval's per-context ones.
+_SKIP_CELL_EVAL = ["clustering_agreement"]
+_DISCRIMINATION = ("l1", "l2", "cosine")
+_KEY_COLS = ["method", "perturbation", "context"]
+# One value per context (a correlation across its perturbations), repeated on each condition.
+_PER_CONTEXT_CORRELATIONS = ["pearson_edistance", "de_spearman_sig"]
+# cell-eval refuses non-integer data with values >= 15 as "not log1p-normalised".
+_CELL_EVAL_MAX = 15.0
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` returns.
+
+    Attributes:
+        per_condition: one row per (method, perturbation, context) with every metric.
+        aggregate: one row per method: the mean of each metric over conditions (``num_conditions``).
+        summary: the markdown summary (model vs baselines).
+        files: name -> path of each file written (empty without ``outdir``).
+    """
+
+    per_condition: pd.DataFrame
+    aggregate: pd.DataFrame
+    summary: str
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- data preparation
+@dataclass
+class _Data:
+    genes: np.ndarray
+    conditions: list[tuple[str, str]]
+    real: dict  # condition -> real cells [n, G] (log1p)
+    controls: dict  # context -> reference control cells [n, G]
+    control_source: dict  # context -> "real" | "train"
+    pred_pops: dict  # condition -> list of predicted cells per population
+    pred_eval: dict  # condition -> predicted cells scored by cell-eval
+    train: dict | None  # sums / counts per (perturbation, context) and control means
+
+
+def _dense(X) -> np.ndarray:
+    return (X.toarray() if sp.issparse(X) else np.asarray(X)).astype(np.float32, copy=False)
+
+
+def _log1p_matrix(adata, genes, target_sum: float, name: str):
+    """X in log1p space, columns in ``genes`` order (counts are normalised over all their genes)."""
+    X = adata.X
+    if X is None:
+        raise ValueError(f"{name}: the AnnData has no X")
+    try:
+        space = detect_input_space(X)
+    except ValueError as err:
+        raise ValueError(f"{name}: {str(err).replace('control expression', 'expression')}") from None
+    names = pd.Index(adata.var_names.astype(str))
+    if not names.is_unique:
+        raise ValueError(f"{name}: duplicated gene names {names[names.duplicated()].tolist()[:5]}")
+    cols = names.get_indexer(genes)
+    if (cols < 0).any():
+        missing = [g for g, c in zip(genes, cols) if c < 0]
+        raise ValueError(f"{name}: {len(missing)} of the prediction's {len(genes)} genes are missing "
+                         f"({len(genes) - len(missing)} shared; e.g. {missing[:5]})")
+    if space == "counts":
+        X = X.tocsr() if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+        totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        sub = _dense(X[:, cols])
+        other = np.clip(totals - sub.sum(1), 0, None).astype(np.float32)
+        norm = Normalization(target_sum=target_sum, log1p=True, scale=1.0)
+        return normalize_counts(np.concatenate([sub, other[:, None]], 1), norm)[:, :-1]
+    X = X[:, cols]
+    vmax = float(X.max()) if X.shape[0] else 0.0
+    if vmax >= _CELL_EVAL_MAX:
+        raise ValueError(f"{name}: log1p values up to {vmax:.3g}; cell-eval accepts log1p-normalised data below "
+                         f"{_CELL_EVAL_MAX:g} (was the data normalised to a larger total than 1e4?)")
+    return X
+
+
+def _obs_column(adata, key: str, fallback: str | None, name: str) -> np.ndarray:
+    if key in adata.obs.columns:
+        return adata.obs[key].astype(str).to_numpy()
+    if fallback is not None and fallback in adata.obs.columns:
+        return adata.obs[fallback].astype(str).to_numpy()
+    raise ValueError(f"{name}: obs has no column {key!r} (columns: {list(adata.obs.columns)})")
+
+
+def _prepare(pred, real, train, *, perturbation_key, context_key, control_label, population) -> _Data:
+    genes = np.asarray(pred.var_names.astype(str))
+    target_sum = 1e4
+    meta = pred.uns.get("perturbdiff", {}) if hasattr(pred, "uns") else {}
+    if float(meta.get("target_sum", -1)) > 0:
+        target_sum = float(meta["target_sum"])
+
+    def load(adata, name):
+        return _log1p_matrix(adata, genes, target_sum, name)
+
+    # Predictions (written by `perturbdiff predict` with columns "perturbation" / "context").
+    Xp = load(pred, "pred")
+    p_pert = _obs_column(pred, perturbation_key, "perturbation", "pred")
+    p_ctx = _obs_column(pred, context_key, "context", "pred")
+    p_pop = pred.obs["population"].to_numpy() if "population" in pred.obs.columns else np.zeros(pred.n_obs, int)
+    pops = np.unique(p_pop)
+    if population != "all" and int(population) not in set(pops.tolist()):
+        raise ValueError(f"population {population} not in the prediction (populations: {pops.tolist()})")
+
+    Xr = load(real, "real")
+    r_pert = _obs_column(real, perturbation_key, None, "real")
+    r_ctx = _obs_column(real, context_key, None, "real")
+
+    pred_conds = {c for c in zip(p_pert, p_ctx) if c[0] != control_label}
+    real_conds = {c for c in zip(r_pert, r_ctx) if c[0] != control_label}
+    conditions = sorted(pred_conds & real_conds)
+    if not conditions:
+        raise ValueError(
+            f"no condition (perturbation, context) is in both the prediction ({sorted(pred_conds)[:5]}) "
+            f"and the real data ({sorted(real_conds)[:5]})"
+        )
+    for label, extra in (("prediction", pred_conds - real_conds), ("real data", real_conds - pred_conds)):
+        if extra:
+            warnings.warn(f"{len(extra)} condition(s) only in the {label} are not evaluated: {sorted(extra)[:5]}",
+                          stacklevel=3)
+
+    tr = None
+    if train is not None:
+        Xt = load(train, "train")
+        t_pert = _obs_column(train, perturbation_key, None, "train")
+        t_ctx = _obs_column(train, context_key, None, "train")
+        tr = _train_stats(Xt, t_pert, t_ctx)
+        tr["controls"] = {c: _dense(Xt[np.flatnonzero((t_pert == control_label) & (t_ctx == c))])
+                          for c in np.unique(t_ctx[t_pert == control_label])}
+
+    controls, control_source = {}, {}
+    for ctx in sorted({c for _, c in conditions}):
+        rows = np.flatnonzero((r_pert == control_label) & (r_ctx == ctx))
+        if rows.size:
+            controls[ctx], control_source[ctx] = _dense(Xr[rows]), "real"
+        elif tr is not None and ctx in tr["controls"]:
+            controls[ctx], control_source[ctx] = tr["controls"][ctx], "train"
+        else:
+            raise ValueError(f"no control cells ({control_label!r}) for context {ctx!r} in the real"
+                             + (" or train" if tr is not None else "") + " data")
+
+    real_cells, pred_pops, pred_eval = {}, {}, {}
+    for cond in conditions:
+        real_cells[cond] = _dense(Xr[np.flatnonzero((r_pert == cond[0]) & (r_ctx == cond[1]))])
+        rows = (p_pert == cond[0]) & (p_ctx == cond[1])
+        pred_pops[cond] = [_dense(Xp[np.flatnonzero(rows & (p_pop == k))]) for k in pops
+                           if (rows & (p_pop == k)).any()]
+        pick = rows if population == "all" else rows & (p_pop == int(population))
+        if not pick.any():
+            raise ValueError(f"no predicted cells for {cond} in population {population}")
+        pred_eval[cond] = _dense(Xp[np.flatnonzero(pick)])
+    return _Data(genes, conditions, real_cells, controls, control_source, pred_pops, pred_eval, tr)
+
+
+def _train_stats(X, pert: np.ndarray, ctx: np.ndarray) -> dict:
+    """Per (perturbation, context) sums and counts of train cells, by one sparse product."""
+    keys = pd.MultiIndex.from_arrays([pert, ctx])
+    codes, uniques = pd.factorize(keys)
+    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(uniques), len(codes)))
+    Xs = X if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+    sums = onehot @ Xs
+    sums = np.asarray(sums.toarray() if sp.issparse(sums) else sums, dtype=np.float64)
+    counts = np.bincount(codes, minlength=len(uniques))
+    return {"sums": {tuple(k): sums[i] for i, k in enumerate(uniques)},
+            "counts": {tuple(k): int(counts[i]) for i, k in enumerate(uniques)}}
+
+
+# --------------------------------------------------------------------------- baselines
+def _baseline_cells(name: str, data: _Data, control_label: str) -> tuple[dict, dict]:
+    """Predicted cells per condition for a baseline, and whether it fell back to the controls."""
+    cells, fallback = {}, {}
+    tr = data.train
+    for p, c in data.conditions:
+        ctrl = data.controls[c]
+        ctrl_mean = ctrl.mean(0, dtype=np.float64)
+        shift = None
+        if name == "perturbation_mean":
+            keys = [k for k in tr["sums"] if k[0] == p and k[1] != c]
+            if keys:
+                mu = sum(tr["sums"][k] for k in keys) / sum(tr["counts"][k] for k in keys)
+                shift = mu - ctrl_mean
+        elif name == "additive_shift":
+            effects = [tr["sums"][k] / tr["counts"][k] - tr["sums"][(control_label, k[1])] / tr["counts"][(control_label, k[1])]
+                       for k in tr["sums"] if k[0] == p and k[1] != c and (control_label, k[1]) in tr["sums"]]
+            if effects:
+                shift = np.mean(effects, axis=0)
+        elif name == "context_mean":
+            keys = [k for k in tr["sums"] if k[1] == c and k[0] != control_label]
+            if keys:
+                nu = sum(tr["sums"][k] for k in keys) / sum(tr["counts"][k] for k in keys)
+                shift = nu - ctrl_mean
+        elif name != "control_mean":
+            raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+        fallback[(p, c)] = name != "control_mean" and shift is None
+        cells[(p, c)] = ctrl if shift is None else np.clip(ctrl + shift.astype(np.float32), 0, None)
+    return cells, fallback
+
+
+# --------------------------------------------------------------------------- metrics
+def _cell_eval_metrics(cells: dict, data: _Data, profile: str, num_threads: int, real_de: dict, quiet: bool,
+                       control_label: str) -> pd.DataFrame:
+    """cell-eval per context (that context's controls as reference) -> one row per condition."""
+    import anndata as ad
+    from cell_eval import MetricsEvaluator
+
+    frames = []
+    for ctx in sorted(data.controls):
+        conds = [cond for cond in data.conditions if cond[1] == ctx]
+        ctrl = data.controls[ctx]
+
+        def build(per_cond, conds=conds, ctrl=ctrl):
+            """One context's cells of every condition plus its controls, as cell-eval reads them."""
+            X = np.concatenate([per_cond[c] for c in conds] + [ctrl])
+            labels = np.concatenate([[c[0]] * len(per_cond[c]) for c in conds] + [[control_label] * len(ctrl)])
+            obs = pd.DataFrame({"perturbation": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(len(X))])
+            return ad.AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=data.genes))
+
+        with tempfile.TemporaryDirectory() as tmp, _quiet(quiet) as errors:
+            ev = MetricsEvaluator(
+                adata_pred=build(cells), adata_real=build(data.real), de_real=real_de.get(ctx),
+                control_pert=control_label, pert_col="perturbation", num_threads=num_threads,
+                outdir=tmp, skip_de=profile in ("anndata", "pds"),
+            )
+            if ev.de_comparison is not None:
+                real_de.setdefault(ctx, ev.de_comparison.real.data)  # real DE is shared by all methods
+            # Context-level correlations over conditions mean nothing with fewer than 3 of them.
+            skip = _SKIP_CELL_EVAL + (_PER_CONTEXT_CORRELATIONS if len(conds) < 3 else [])
+            results, _ = ev.compute(profile=profile, skip_metrics=skip, write_csv=False)
+        for msg in errors:
+            warnings.warn(f"cell-eval ({ctx}): {msg}", stacklevel=2)
+        frame = results.to_pandas() if len(results) else pd.DataFrame({"perturbation": [c[0] for c in conds]})
+        frame["perturbation"] = frame["perturbation"].astype(str)
+        frame.insert(1, "context", ctx)
+        frames.append(frame.drop(columns=[f"discrimination_score_{m}" for m in _DISCRIMINATION], errors="ignore"))
+    return pd.concat(frames, ignore_index=True)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Silence cell-eval / pdex progress bars and warnings, but collect metric errors."""
+    errors: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            errors.append(record.getMessage())
+
+    handler = Collect(level=logging.ERROR)
+    log = logging.getLogger("cell_eval")
+    log.addHandler(handler)
+    try:
+        if enabled:
+            with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield errors
+        else:
+            yield errors
+    finally:
+        log.removeHandler(handler)
+
+
+def _target_genes(perturbation: str, genes: np.ndarray) -> np.ndarray:
+    """Columns to exclude for a perturbation: its own name or any '+'-part (CRISPR targets)."""
+    parts = {perturbation, *perturbation.split("+")}
+    return np.isin(genes, list(parts))
+
+
+def _discrimination(pred_eff: np.ndarray, real_eff: np.ndarray, names: list[str], genes: np.ndarray) -> dict:
+    """cell-eval's discrimination score, ranked among all evaluated conditions: 1 - rank / n."""
+    from sklearn.metrics import pairwise_distances
+
+    n = len(names)
+    out = {m: np.zeros(n) for m in _DISCRIMINATION}
+    for i, p in enumerate(names):
+        keep = ~_target_genes(p, genes)
+        for m in _DISCRIMINATION:
+            metric = "manhattan" if m == "l1" else ("euclidean" if m == "l2" else "cosine")
+            d = pairwise_distances(real_eff[:, keep], pred_eff[i, keep][None], metric=metric).ravel()
+            rank = int(np.flatnonzero(np.argsort(d, kind="stable") == i)[0])
+            out[m][i] = 1 - rank / n
+    return {f"discrimination_score_{m}": v for m, v in out.items()}
+
+
+def _r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    ss_tot = float(((y_true - y_true.mean()) ** 2).sum())
+    return float("nan") if ss_tot == 0 else 1 - float(((y_true - y_pred) ** 2).sum()) / ss_tot
+
+
+def _fit_pca(data: _Data, n_components: int, seed: int, max_fit_cells: int = 20000):
+    """PCA of the real data (controls + perturbed cells); None means "energy distance on genes"."""
+    if n_components <= 0:
+        return None
+    from sklearn.decomposition import PCA
+
+    X = np.concatenate(list(data.controls.values()) + list(data.real.values()))
+    rng = np.random.default_rng(seed)
+    if len(X) > max_fit_cells:
+        X = X[rng.choice(len(X), max_fit_cells, replace=False)]
+    k = int(min(n_components, X.shape[1], X.shape[0] - 1))
+    return PCA(n_components=k, random_state=seed).fit(X)
+
+
+def _energy(x: np.ndarray, y: np.ndarray, pca, max_cells: int, rng) -> float:
+    if len(x) > max_cells:
+        x = x[rng.choice(len(x), max_cells, replace=False)]
+    if len(y) > max_cells:
+        y = y[rng.choice(len(y), max_cells, replace=False)]
+    if pca is not None:
+        x, y = pca.transform(x), pca.transform(y)
+    return float(energy_distance(torch.from_numpy(np.asarray(x, np.float64)), torch.from_numpy(np.asarray(y, np.float64))))
+
+
+def _own_metrics(cells: dict, pops: dict, data: _Data, pca, max_cells: int, seed: int) -> pd.DataFrame:
+    names = [p for p, _ in data.conditions]
+    ctrl_mean = {c: data.controls[c].mean(0, dtype=np.float64) for c in data.controls}
+    real_mean = np.stack([data.real[k].mean(0, dtype=np.float64) for k in data.conditions])
+    pred_mean = np.stack([cells[k].mean(0, dtype=np.float64) for k in data.conditions])
+    base = np.stack([ctrl_mean[c] for _, c in data.conditions])
+    real_eff, pred_eff = real_mean - base, pred_mean - base
+    rows = []
+    rng = np.random.default_rng(seed)
+    for i, (p, c) in enumerate(data.conditions):
+        eds = [_energy(x, data.real[(p, c)], pca, max_cells, rng) for x in pops[(p, c)]]
+        rows.append(dict(
+            perturbation=p, context=c,
+            r2_mean=_r2(real_mean[i], pred_mean[i]), r2_delta=_r2(real_eff[i], pred_eff[i]),
+            energy_distance=float(np.mean(eds)),
+            energy_distance_sd=float(np.std(eds, ddof=1)) if len(eds) > 1 else float("nan"),
+            num_populations=len(eds),
+            num_real_cells=len(data.real[(p, c)]), num_pred_cells=len(cells[(p, c)]),
+            num_control_cells=len(data.controls[c]), control_source=data.control_source[c],
+        ))
+    frame = pd.DataFrame(rows)
+    for col, values in _discrimination(pred_eff, real_eff, names, data.genes).items():
+        frame[col] = values
+    return frame
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate(
+    pred,
+    real,
+    train=None,
+    *,
+    outdir: str | os.PathLike | None = None,
+    perturbation_key: str = "perturbation",
+    context_key: str = "context",
+    control_label: str = "control",
+    baselines: Sequence[str] | str | None = "auto",
+    population: int | str = 0,
+    profile: str = "full",
+    model_name: str = "PerturbDiff",
+    pca_components: int = 50,
+    max_cells_energy: int = 2000,
+    num_threads: int | None = None,
+    seed: int = 0,
+    plots: bool = True,
+    max_plot_conditions: int = 12,
+    quiet: bool = True,
+) -> Evaluation:
+    """Score predicted cells against held-out real cells, beside baselines.
+
+    Args:
+        pred: AnnData of predictions (e.g. from ``perturbdiff predict``), log1p-normalised or counts.
+            Its ``obs[perturbation_key]`` / ``obs[context_key]`` (falling back to "perturbation" /
+            "context") name each cell's condition; ``obs["population"]`` its population.
+        real: AnnData of the held-out truth with the same obs keys; its control cells
+            (``control_label``) are the reference per context, else those of ``train``.
+        train: AnnData of the training cells (controls and perturbed); needed for every baseline
+            except ``control_mean``.
+        outdir: where to write metrics CSVs, ``summary.md`` and PNG plots (nothing when None).
+        baselines: names from ``BASELINES``; ``"auto"`` = all four with ``train``, else control_mean;
+            ``None`` / ``[]`` = none.
+        population: which predicted population cell-eval scores (an int, or ``"all"`` pooled); the
+            energy distance is averaged over every population.
+        profile: cell-eval profile (``full``, ``minimal``, ``vcc``, ``de``, ``anndata``).
+        pca_components: PCA dimensions for the energy distance (0: on genes).
+        max_cells_energy: cells per side subsampled for the energy distance (it is O(n²)).
+        num_threads: threads for cell-eval's DE (default: all available).
+        quiet: silence cell-eval's progress bars and warnings (metric errors are still warned).
+    """
+    if isinstance(baselines, str):
+        baselines = (BASELINES if train is not None else ("control_mean",)) if baselines == "auto" else (baselines,)
+    baselines = list(baselines or [])
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    if train is None and any(b in _TRAIN_BASELINES for b in baselines):
+        raise ValueError(f"baselines {[b for b in baselines if b in _TRAIN_BASELINES]} need the training data (train=...)")
+    if model_name in baselines:
+        raise ValueError(f"model_name {model_name!r} clashes with a baseline name")
+    if population != "all" and not isinstance(population, (int, np.integer)):
+        try:
+            population = int(population)
+        except (TypeError, ValueError):
+            raise ValueError(f"population must be an integer or 'all', got {population!r}") from None
+    num_threads = -1 if num_threads is None else int(num_threads)
+
+    data = _prepare(pred, real, train, perturbation_key=perturbation_key, context_key=context_key,
+                    control_label=control_label, population=population)
+    pca = _fit_pca(data, pca_components, seed)
+    methods = {model_name: (data.pred_eval, data.pred_pops, {k: False for k in data.conditions})}
+    for b in baselines:
+        cells, fallback = _baseline_cells(b, data, control_label)
+        methods[b] = (cells, {k: [v] for k, v in cells.items()}, fallback)
+        if any(fallback.values()):
+            warnings.warn(f"baseline {b}: no training data to form it for {[k for k, v in fallback.items() if v][:5]}; "
+                          "using the controls there", stacklevel=2)
+
+    frames, real_de = [], {}
+    for name, (cells, pops, fallback) in methods.items():
+        ce = _cell_eval_metrics(cells, data, profile, num_threads, real_de, quiet, control_label)
+        own = _own_metrics(cells, pops, data, pca, max_cells_energy, seed)
+        frame = own.merge(ce, on=["perturbation", "context"], how="left")
+        frame.insert(0, "method", name)
+        frame["fallback"] = [fallback[(p, c)] for p, c in zip(frame["perturbation"], frame["context"])]
+        frames.append(frame)
+    per_condition = pd.concat(frames, ignore_index=True)
+    per_condition = per_condition[_KEY_COLS + [c for c in _ordered_metrics(per_condition) if c not in _KEY_COLS]]
+
+    metric_cols = [c for c in per_condition.columns if c not in _KEY_COLS and c not in ("control_source", "fallback")
+                   and not c.startswith("num_") and pd.api.types.is_numeric_dtype(per_condition[c])]
+    aggregate = per_condition.groupby("method", sort=False)[metric_cols].mean()
+    aggregate.insert(0, "num_conditions", per_condition.groupby("method", sort=False).size())
+    aggregate = aggregate.reset_index()
+    summary = _summary(aggregate, per_condition, data, model_name, population, pca, profile)
+
+    files = {}
+    if outdir is not None:
+        out = Path(outdir)
+        out.mkdir(parents=True, exist_ok=True)
+        files["per_condition"] = _atomic(out / "metrics_per_condition.csv", lambda p: per_condition.to_csv(p, index=False))
+        files["aggregate"] = _atomic(out / "metrics_aggregate.csv", lambda p: aggregate.to_csv(p, index=False))
+        files["summary"] = _atomic(out / "summary.md", lambda p: Path(p).write_text(summary))
+        if plots:
+            files.update(_plots(out, data, methods, per_condition, aggregate, pca, model_name, max_plot_conditions, seed))
+    return Evaluation(per_condition, aggregate, summary, files)
+
+
+def _ordered_metrics(frame: pd.DataFrame) -> list[str]:
+    first = [m for m, _ in HEADLINE_METRICS if m in frame.columns]
+    return first + [c for c in frame.columns if c not in first]
+
+
+def _atomic(path: Path, write) -> Path:
+    """Write through a temporary sibling and rename, so a reader never sees a partial file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------- report
+def _summary(aggregate, per_condition, data, model_name, population, pca, profile) -> str:
+    methods = aggregate["method"].tolist()
+    agg = aggregate.set_index("method")
+    lines = [
+        "# PerturbDiff evaluation",
+        "",
+        f"{len(data.conditions)} conditions (perturbation, context) in {len(data.controls)} context(s); "
+        f"cell-eval profile `{profile}`; population {population} scored by cell-eval; energy distance on "
+        + (f"{pca.n_components_} PCs of the real data" if pca is not None else "genes")
+        + " (mean over predicted populations). Mean over conditions; best per row in bold.",
+        "",
+        "| metric | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for metric, better in HEADLINE_METRICS:
+        if metric not in agg.columns:
+            continue
+        values = agg[metric]
+        # No bold when every method ties (e.g. all 0): nothing is best then.
+        best = (values.max() if better == "max" else values.min()) if values.nunique() > 1 else None
+        cells = [("–" if not np.isfinite(v) else (f"**{v:.4g}**" if v == best else f"{v:.4g}")) for v in values]
+        lines.append(f"| {metric} {'↑' if better == 'max' else '↓'} | " + " | ".join(cells) + " |")
+    model = per_condition[per_condition["method"] == model_name]
+    cols = [c for c in ("pearson_delta", "r2_delta", "energy_distance") if c in model.columns]
+    lines += ["", f"## {model_name} per condition", "",
+              "| perturbation | context | cells (real / pred) | " + " | ".join(cols) + " |",
+              "|---|---|---|" + "---|" * len(cols)]
+    for _, row in model.head(50).iterrows():
+        vals = " | ".join("–" if not np.isfinite(row[c]) else f"{row[c]:.3g}" for c in cols)
+        lines.append(f"| {row['perturbation']} | {row['context']} | {row['num_real_cells']} / {row['num_pred_cells']} | {vals} |")
+    if len(model) > 50:
+        lines.append(f"| … {len(model) - 50} more in metrics_per_condition.csv | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, data, methods, per_condition, aggregate, pca, model_name, max_conditions, seed) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    # The conditions with the largest real effects are the informative ones to show.
+    effect = {k: float(np.abs(data.real[k].mean(0) - data.controls[k[1]].mean(0)).sum()) for k in data.conditions}
+    shown = sorted(data.conditions, key=lambda k: -effect[k])[:max_conditions]
+    ncol = min(4, len(shown))
+    nrow = int(np.ceil(len(shown) / ncol))
+    model_cells = methods[model_name][0]
+    reference = "additive_shift" if "additive_shift" in methods else None
+
+    # 1. Predicted vs real mean shift per gene, per condition.
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, (p, c) in zip(axes.flat, shown):
+        ctrl = data.controls[c].mean(0)
+        real_d = data.real[(p, c)].mean(0) - ctrl
+        if reference:
+            ax.scatter(real_d, methods[reference][0][(p, c)].mean(0) - ctrl, s=5, c="0.7", label=reference)
+        pred_d = model_cells[(p, c)].mean(0) - ctrl
+        ax.scatter(real_d, pred_d, s=6, c="tab:red", label=model_name)
+        lim = float(np.abs(np.concatenate([real_d, pred_d])).max()) * 1.05 or 1.0
+        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
+        ax.axhline(0, c="0.85", lw=0.5)
+        ax.axvline(0, c="0.85", lw=0.5)
+        for g in np.argsort(-np.abs(real_d))[:3]:
+            ax.annotate(str(data.genes[g]), (real_d[g], pred_d[g]), fontsize=7)
+        r = np.corrcoef(real_d, pred_d)[0, 1] if real_d.std() > 0 and pred_d.std() > 0 else float("nan")
+        ax.set_title(f"{p} | {c}\nr = {r:.2f}", fontsize=9)
+        ax.set_xlabel("real Δ vs control (log1p)", fontsize=8)
+        ax.set_ylabel("predicted Δ", fontsize=8)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    files["mean_shift_plot"] = _atomic(out / "mean_shift.png", lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+    # 2. Real and predicted cells on the real data's PCA, per condition.
+    if pca is not None and pca.n_components_ >= 2:
+        rng = np.random.default_rng(seed)
+
+        def sub(x, n=400):
+            return x[rng.choice(len(x), n, replace=False)] if len(x) > n else x
+
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.4 * nrow), squeeze=False)
+        for ax, (p, c) in zip(axes.flat, shown):
+            for x, color, label in ((data.controls[c], "0.75", "control"), (data.real[(p, c)], "tab:blue", "real"),
+                                    (model_cells[(p, c)], "tab:red", model_name)):
+                z = pca.transform(sub(x))
+                ax.scatter(z[:, 0], z[:, 1], s=4, c=color, alpha=0.6, label=label, linewidths=0)
+            ed = per_condition.query("method == @model_name and perturbation == @p and context == @c")["energy_distance"]
+            ax.set_title(f"{p} | {c}\nED = {float(ed.iloc[0]):.3g}", fontsize=9)
+            ax.set_xlabel("PC1", fontsize=8)
+            ax.set_ylabel("PC2", fontsize=8)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7, markerscale=3)
+        fig.tight_layout()
+        files["pca_plot"] = _atomic(out / "pca.png", lambda p: fig.savefig(p, dpi=120, format="png"))
+        plt.close(fig)
+
+    # 3. Aggregate metrics, model vs baselines.
+    metrics = [(m, b) for m, b in HEADLINE_METRICS if m in aggregate.columns]
+    ncol3 = min(4, len(metrics))
+    nrow3 = int(np.ceil(len(metrics) / ncol3))
+    fig, axes = plt.subplots(nrow3, ncol3, figsize=(3.4 * ncol3, 2.6 * nrow3), squeeze=False)
+    colors = ["tab:red"] + ["0.6"] * (len(aggregate) - 1)
+    for ax, (m, better) in zip(axes.flat, metrics):
+        values = aggregate[m].to_numpy(dtype=float)
+        ax.barh(aggregate["method"], np.nan_to_num(values), color=colors)
+        for y, v in enumerate(values):
+            if not np.isfinite(v):
+                ax.text(0, y, " n/a", va="center", fontsize=7, color="0.4")
+        ax.set_title(f"{m} {'↑' if better == 'max' else '↓'}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.invert_yaxis()
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    files["metrics_plot"] = _atomic(out / "metrics.png", lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+    return files
+
+
+# --------------------------------------------------------------------------- command line
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score predicted vs real cells (cell-eval metrics, energy distance) beside baselines",
+        description="Compare predicted cells with held-out real cells per condition (perturbation, context): "
+        "cell-eval metrics, R², energy distance, and the same for baselines; writes CSVs, summary.md and plots.",
+    )
+    p.add_argument("--pred", required=True, help="predicted cells (.h5ad, e.g. from perturbdiff predict)")
+    p.add_argument("--real", required=True, help="held-out real cells (.h5ad) with their controls if available")
+    p.add_argument("--train", help="training cells (.h5ad, controls + perturbed) for the baselines")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--perturbation-key", default="perturbation")
+    p.add_argument("--context-key", default="context")
+    p.add_argument("--control-label", default="control")
+    p.add_argument("--baselines", nargs="*", default=None,
+                   help=f"subset of {list(BASELINES)} (default: all with --train, else control_mean; none: no baselines)")
+    p.add_argument("--population", default="0", help="predicted population scored by cell-eval (int or 'all')")
+    p.add_argument("--profile", default="full", choices=["full", "minimal", "vcc", "de", "anndata"])
+    p.add_argument("--name", default="PerturbDiff", help="the model's name in the tables")
+    p.add_argument("--pca-components", type=int, default=50, help="PCs for the energy distance (0: genes)")
+    p.add_argument("--max-cells-energy", type=int, default=2000)
+    p.add_argument("--num-threads", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show cell-eval's progress and warnings")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import anndata as ad
+
+    for path in (args.pred, args.real, args.train):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+    baselines = "auto" if args.baselines is None else ([] if args.baselines in ([], ["none"]) else args.baselines)
+    result = evaluate(
+        ad.read_h5ad(args.pred), ad.read_h5ad(args.real), ad.read_h5ad(args.train) if args.train else None,
+        outdir=args.out, perturbation_key=args.perturbation_key, context_key=args.context_key,
+        control_label=args.control_label, baselines=baselines, population=args.population, profile=args.profile,
+        model_name=args.name, pca_components=args.pca_components, max_cells_energy=args.max_cells_energy,
+        num_threads=args.num_threads, seed=args.seed, plots=not args.no_plots, quiet=not args.verbose,
+    )
+    print(result.summary)
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0

@@ -1,0 +1,729 @@
+"""Prediction: control cells + conditions -> an AnnData of predicted perturbed cells.
+
+``PerturbDiffPipeline.from_pretrained(folder).predict(control_adata, conditions)`` is the Python
+API; ``perturbdiff predict`` is the same from the command line. For every condition (perturbation,
+context, batch, dose) the pipeline takes the control cells of that context from the control
+AnnData, maps their genes onto the model's gene vocabulary by name, normalises them as the model
+was trained, cuts them into sets of ``set_size`` cells and samples a predicted set per control set
+(DDIM). ``num_populations`` independent draws per condition sample the distribution over
+populations that PerturbDiff models.
+
+Predictions are written as log1p-normalised expression, ``log1p(counts / total * target_sum)``,
+in the model's gene order: the model works in that space divided by ``normalization.scale``, and
+the pipeline multiplies the scale back so that the output is comparable with ordinary
+log-normalised data (``uns["perturbdiff"]`` states the space).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import uuid
+import warnings
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .configuration import NULL_ID
+from .diffusion import GaussianDiffusion
+from .modeling import PerturbDiffModel
+from .normalization import Normalization, normalize_counts
+from .training import sample_sets
+
+__all__ = [
+    "PerturbDiffPipeline",
+    "CONDITION_COLUMNS",
+    "condition_rngs",
+    "detect_input_space",
+    "make_conditions",
+    "read_conditions",
+    "write_h5ad_atomic",
+    "add_parser",
+]
+
+CONDITION_COLUMNS = ("perturbation", "context", "batch", "dose")
+INPUT_SPACES = ("auto", "counts", "log1p")
+# log1p of counts normalised to 1e4 stays below ~10 (1e6: ~14); 20 leaves room and still
+# separates log values from counts or from normalised values without the log.
+LOG1P_MAX = 20.0
+# With --allow-missing-genes at least this fraction of the model's genes must be in the data:
+# a prediction from mostly zero-filled inputs is not a prediction.
+MIN_GENE_FRACTION = 0.5
+_INTEGER_TOL = 1e-3
+
+
+# --------------------------------------------------------------------------- conditions
+def make_conditions(perturbation, context, batch=None, dose=None) -> pd.DataFrame:
+    """All combinations of the given perturbations x contexts (x batches x doses), one row each.
+
+    Each argument is a name / number or a list of them; ``None`` leaves batch / dose unset.
+    """
+
+    def as_list(v):
+        return [None] if v is None else ([v] if isinstance(v, (str, int, float)) else list(v))
+
+    if perturbation is None or context is None:
+        raise ValueError("conditions need at least a perturbation and a context")
+    rows = itertools.product(as_list(perturbation), as_list(context), as_list(batch), as_list(dose))
+    return _clean_conditions(pd.DataFrame(list(rows), columns=list(CONDITION_COLUMNS)))
+
+
+def read_conditions(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV / TSV table of conditions with columns perturbation, context[, batch][, dose].
+
+    The separator is taken from the extension (``.tsv``/``.tab`` tab, else comma). Empty batch or
+    dose cells mean "not set". Names are read as text ("NA" stays the gene NA).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"conditions table {path} does not exist")
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    return _clean_conditions(table, source=str(path))
+
+
+def _clean_conditions(table: pd.DataFrame, source: str = "conditions") -> pd.DataFrame:
+    table = table.copy()
+    table.columns = [str(c).strip() for c in table.columns]
+    unknown = [c for c in table.columns if c not in CONDITION_COLUMNS]
+    missing = [c for c in ("perturbation", "context") if c not in table.columns]
+    if unknown or missing:
+        raise ValueError(
+            f"{source}: columns must be {list(CONDITION_COLUMNS)} (batch and dose optional); "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and unknown else "")
+            + (f"unknown {unknown}" if unknown else "")
+        )
+    if len(table) == 0:
+        raise ValueError(f"{source}: no conditions to predict")
+    out = pd.DataFrame(index=range(len(table)))
+    for col in ("perturbation", "context", "batch"):
+        values = table[col].tolist() if col in table.columns else [None] * len(table)
+        out[col] = [None if _is_missing(v) else str(v).strip() for v in values]
+    if out["perturbation"].isna().any() or out["context"].isna().any():
+        bad = out.index[out["perturbation"].isna() | out["context"].isna()].tolist()
+        raise ValueError(f"{source}: rows {bad[:10]} have an empty perturbation or context")
+    doses = []
+    for v in table["dose"].tolist() if "dose" in table.columns else [None] * len(table):
+        if _is_missing(v):
+            doses.append(np.nan)
+            continue
+        try:
+            doses.append(float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: dose {v!r} is not a number") from None
+    out["dose"] = np.asarray(doses, dtype=np.float64)
+    key = out.astype(str).agg("|".join, axis=1)
+    if key.duplicated().any():
+        raise ValueError(f"{source}: duplicated conditions {key[key.duplicated()].tolist()[:5]}")
+    return out
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.strip() == "")
+
+
+# --------------------------------------------------------------------------- input checks
+def detect_input_space(X, declared: str = "auto") -> str:
+    """Say whether a [cells, genes] matrix holds raw ``"counts"`` or ``"log1p"``-normalised values.
+
+    Counts are integer-valued; log1p-normalised values are non-integer and below ``LOG1P_MAX``.
+    Raises ``ValueError`` on non-finite or negative values, on data that are neither, and when
+    ``declared`` (``"counts"`` / ``"log1p"``) contradicts the data.
+    """
+    if declared not in INPUT_SPACES:
+        raise ValueError(f"input_space must be one of {INPUT_SPACES}, got {declared!r}")
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    values = np.asarray(values).ravel()
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise ValueError(f"control expression has {int((~finite).sum())} non-finite values (NaN or inf)")
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        raise ValueError("control expression is all zeros")
+    vmin, vmax = float(nonzero.min()), float(nonzero.max())
+    if vmin < 0:
+        raise ValueError(
+            f"control expression has negative values (min {vmin:.3g}): it looks scaled or centred; "
+            "pass raw counts or log1p-normalised values"
+        )
+    frac = np.abs(nonzero - np.round(nonzero))
+    integer = bool((frac < _INTEGER_TOL).all())
+    example = float(nonzero[np.argmax(frac)])
+    if integer:
+        detected = "counts"
+    elif vmax < LOG1P_MAX:
+        detected = "log1p"
+    else:
+        detected = None
+    if declared == "auto":
+        if detected is None:
+            raise ValueError(
+                f"control expression is neither raw counts (integers) nor log1p-normalised (max < {LOG1P_MAX:g}): "
+                f"non-integer values up to {vmax:.4g}; normalised without log1p? apply log1p or pass raw counts"
+            )
+        return detected
+    if declared == "counts" and not integer:
+        raise ValueError(
+            f"input_space='counts' but the control expression has non-integer values (e.g. {example:.4g}, "
+            f"max {vmax:.4g}): " + ("it looks log1p-normalised" if vmax < LOG1P_MAX else "not raw counts")
+        )
+    if declared == "log1p" and (integer or vmax >= LOG1P_MAX):
+        raise ValueError(
+            "input_space='log1p' but the control expression "
+            + (f"is integer-valued (max {vmax:.4g}): it looks like raw counts" if integer
+               else f"has values up to {vmax:.4g}, above any log1p-normalised value")
+        )
+    return declared
+
+
+def _resolve_key(obs: pd.DataFrame, given: str | None, default: str, flag: str) -> str | None:
+    """An explicitly given obs key must exist; the default is used only when present."""
+    if given is not None:
+        if given not in obs.columns:
+            raise ValueError(f"{flag} {given!r} is not an obs column of the control data (columns: {list(obs.columns)})")
+        return given
+    return default if default in obs.columns else None
+
+
+# --------------------------------------------------------------------------- the pipeline
+class PerturbDiffPipeline:
+    """Predicts perturbed cell populations from control cells with a trained PerturbDiff model.
+
+    Args:
+        model: a :class:`~perturbdiff.PerturbDiffModel` (set to eval mode and moved to ``device``).
+        diffusion: the noise schedule (default: the one in the model's config).
+        device: ``"auto"`` (CUDA when available, else CPU) or a torch device.
+    """
+
+    def __init__(self, model: PerturbDiffModel, diffusion: GaussianDiffusion | None = None, device="auto"):
+        if device == "auto" or device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.diffusion = diffusion or GaussianDiffusion.from_config(self.config)
+        self.source = getattr(model, "name_or_path", "") or ""
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device="auto") -> "PerturbDiffPipeline":
+        """Load a saved model folder (``config.json`` + ``model.safetensors``)."""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a PerturbDiff model folder (no config.json)")
+        pipe = cls(PerturbDiffModel.from_pretrained(folder), device=device)
+        pipe.source = str(folder)
+        return pipe
+
+    @property
+    def norm(self) -> Normalization:
+        return self.config.norm
+
+    # ------------------------------------------------------------------ predict
+    def predict(
+        self,
+        control,
+        conditions: pd.DataFrame | Sequence[Mapping] | str | os.PathLike | None = None,
+        *,
+        perturbation=None,
+        context=None,
+        batch=None,
+        dose=None,
+        perturbation_features: Mapping[str, Sequence[float]] | pd.DataFrame | None = None,
+        perturbation_key: str | None = None,
+        context_key: str | None = None,
+        batch_key: str | None = None,
+        control_label: str | None = None,
+        gene_key: str | None = None,
+        layer: str | None = None,
+        input_space: str = "auto",
+        allow_missing_genes: bool = False,
+        cells_per_condition: int | None = None,
+        set_size: int = 256,
+        num_populations: int = 1,
+        num_steps: int = 100,
+        guidance_scale: float = 0.0,
+        eta: float = 0.0,
+        seed: int = 0,
+        batch_sets: int = 8,
+        progress: bool = True,
+    ):
+        """Predict perturbed cells for each condition; returns an AnnData in the model's gene order.
+
+        Args:
+            control: AnnData of control cells (raw counts or log1p-normalised); may be a mixed
+                screen, of which the cells with ``obs[perturbation_key] == control_label`` are used.
+            conditions: a table (DataFrame, list of dicts or CSV/TSV path) with columns
+                perturbation, context[, batch][, dose]; or pass ``perturbation`` / ``context`` /
+                ``batch`` / ``dose`` (names or lists: every combination is predicted).
+            perturbation_features: feature vector per perturbation name (mapping or DataFrame
+                indexed by name) for models with ``perturbation_feature_dim``; a perturbation the
+                model does not know is predicted from its features with the null perturbation id.
+            perturbation_key, context_key, batch_key: obs columns of ``control`` (default
+                "perturbation", "context", "batch" when present). Without a perturbation column
+                every cell is a control; without a context column all cells serve every context.
+            control_label: the control value of the perturbation column (default: the model's).
+            gene_key: var column with gene names (default ``var_names``); ``layer``: use a layer.
+            input_space: ``"auto"``, ``"counts"`` or ``"log1p"`` (checked against the data).
+            allow_missing_genes: fill model genes absent from ``control`` with zeros (at least
+                half of the model's genes must be present).
+            cells_per_condition: predicted cells per condition and population (default: as many
+                as control cells for the condition).
+            set_size: cells per set m (the last set is padded by resampling, then trimmed).
+            num_populations: K independent populations per condition (``obs["population"]``).
+            num_steps, guidance_scale, eta: DDIM sampling settings.
+            seed: sampling seed; each condition's draws depend only on the seed and the
+                condition, not on the other rows of the table.
+            batch_sets: sets per forward pass.
+        """
+        import anndata as ad
+        from tqdm.auto import tqdm
+
+        cfg, norm = self.config, self.norm
+        for name, value in (("set_size", set_size), ("num_populations", num_populations), ("batch_sets", batch_sets)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if cells_per_condition is not None and int(cells_per_condition) < 1:
+            raise ValueError(f"cells_per_condition must be >= 1, got {cells_per_condition}")
+        self.diffusion.timesteps(num_steps)  # validates num_steps before any work
+
+        conds = self._resolve_conditions(conditions, perturbation, context, batch, dose)
+        ids, features = self._encode_conditions(conds, perturbation_features)
+        pool, info = self._control_pool(
+            control, perturbation_key=perturbation_key, context_key=context_key, batch_key=batch_key,
+            control_label=control_label, gene_key=gene_key, layer=layer, input_space=input_space,
+            allow_missing_genes=allow_missing_genes,
+        )
+        members, sources = self._match_controls(conds, pool)
+
+        G, K = cfg.num_genes, int(num_populations)
+        blocks, obs_blocks, table = [], [], []
+        ceiling = _max_value(norm)
+        num_clipped = 0
+        rows = tqdm(conds.itertuples(index=False), total=len(conds), desc="conditions", disable=not progress)
+        for i, cond in enumerate(rows):
+            n_cells = int(cells_per_condition or len(members[i]))
+            m = min(int(set_size), n_cells)
+            values = self._sample_condition(
+                pool["X"], members[i], condition_rngs(seed, tuple(cond)), n_cells=n_cells, set_size=m,
+                num_populations=K, batch_sets=int(batch_sets), ids={k: v[i] for k, v in ids.items()},
+                features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+            ).reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
+            if ceiling is not None:  # no cell can exceed "all its counts in one gene"
+                num_clipped += int((values > ceiling).sum())
+                np.minimum(values, ceiling, out=values)
+            blocks.append(values)
+            obs_blocks.append(pd.DataFrame({
+                "perturbation": cond.perturbation, "context": cond.context, "batch": cond.batch,
+                "dose": cond.dose, "population": np.repeat(np.arange(K), n_cells),
+            }, index=[f"c{i}_p{k}_{j}" for k in range(K) for j in range(n_cells)]))
+            table.append(dict(perturbation=cond.perturbation, context=cond.context, batch=cond.batch,
+                              dose=cond.dose, num_control_cells=len(members[i]), control_source=sources[i],
+                              num_cells=n_cells, set_size=m, num_sets=math.ceil(n_cells / m)))
+
+        obs = pd.concat(obs_blocks)
+        for col in ("perturbation", "context", "batch"):
+            obs[col] = pd.Categorical(obs[col])
+        obs["population"] = obs["population"].astype(np.int64)
+        var = pd.DataFrame(index=pd.Index(cfg.gene_names or [f"gene{g}" for g in range(G)], name="gene"))
+        if info["missing_genes"]:
+            var["missing_in_control"] = info["missing_mask"]
+        conditions_table = pd.DataFrame(table)
+        for col in ("perturbation", "context", "batch", "control_source"):
+            conditions_table[col] = pd.Categorical(conditions_table[col])
+        uns = {"perturbdiff": {
+            "expression": _space_description(norm),
+            "target_sum": float(norm.target_sum) if norm.target_sum is not None else -1.0,
+            "log1p": bool(norm.log1p),
+            "model_scale": float(norm.scale),
+            "note": f"X = model output x {norm.scale:g} (the model works in this space / {norm.scale:g})",
+            "model": self.source,
+            "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "eta": float(eta),
+            "seed": int(seed), "set_size": int(set_size), "num_populations": K,
+            "cells_per_condition": int(cells_per_condition) if cells_per_condition else 0,
+            "input_space": info["input_space"], "input_target_sum": info["input_target_sum"],
+            "num_missing_genes": int(info["missing_genes"]), "num_dropped_empty_cells": int(info["dropped"]),
+            "num_clipped_values": num_clipped,
+            "conditions": conditions_table,
+        }}
+        X = np.concatenate(blocks).astype(np.float32, copy=False)
+        return ad.AnnData(X=X, obs=obs, var=var, uns=uns)
+
+    def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
+                          features, num_steps, eta, guidance_scale) -> np.ndarray:
+        """K populations of ``n_cells`` predicted cells [K, n_cells, G] (model space) for one condition."""
+        rng, gen = rngs
+        m, K, G = set_size, num_populations, pool_X.shape[1]
+        n_sets = math.ceil(n_cells / m)
+        idx = np.stack([_draw_cells(rng, cells, n_cells, n_sets * m) for _ in range(K)]).reshape(K * n_sets, m)
+        preds = []
+        for start in range(0, K * n_sets, batch_sets):
+            chunk = torch.from_numpy(pool_X[idx[start : start + batch_sets]])  # [b, m, G] control sets
+            b = chunk.shape[0]
+            pred = sample_sets(
+                self.model, self.diffusion, control=chunk,
+                perturbation=ids["perturbation"].expand(b), context=ids["context"].expand(b),
+                batch=ids["batch"].expand(b), dose=None if ids["dose"] is None else ids["dose"].expand(b),
+                perturbation_features=None if features is None else features.expand(b, -1),
+                num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, generator=gen,
+            )  # [b, m, G]
+            preds.append(pred.float().cpu())
+        return torch.cat(preds).view(K, n_sets * m, G)[:, :n_cells].numpy()  # padding trimmed
+
+    # ------------------------------------------------------------------ conditions -> ids
+    def _resolve_conditions(self, conditions, perturbation, context, batch, dose) -> pd.DataFrame:
+        flags = any(v is not None for v in (perturbation, context, batch, dose))
+        if conditions is not None and flags:
+            raise ValueError("give either a conditions table or perturbation/context/batch/dose, not both")
+        if conditions is None:
+            return make_conditions(perturbation, context, batch, dose)
+        if isinstance(conditions, (str, os.PathLike)):
+            return read_conditions(conditions)
+        return _clean_conditions(pd.DataFrame(conditions))
+
+    def _encode_conditions(self, conds: pd.DataFrame, features) -> tuple[dict, list]:
+        cfg = self.config
+        F = cfg.perturbation_feature_dim
+        if features is not None and not F:
+            raise ValueError("perturbation features given but the model takes none (perturbation_feature_dim = 0)")
+        feats = _feature_table(features, F) if features is not None else {}
+        known = set(cfg.perturbation_names)
+        unknown = sorted({p for p in conds["perturbation"] if p not in known and p not in feats})
+        if unknown:
+            shown = ", ".join(cfg.perturbation_names[:20]) + (" ..." if len(known) > 20 else "")
+            raise ValueError(
+                f"unknown perturbation(s) {unknown[:10]} and no features for them "
+                f"(the model knows {len(known)}: {shown})"
+            )
+        if F:
+            unfeatured = sorted({p for p in conds["perturbation"] if p not in feats})
+            if unfeatured:
+                warnings.warn(f"the model uses perturbation features but none were given for {unfeatured[:10]}; "
+                              "predicting them without the feature term", stacklevel=3)
+        pert_ids = torch.tensor([int(cfg.encode("perturbation", [p])[0]) if p in known else NULL_ID
+                                 for p in conds["perturbation"]], dtype=torch.long)
+        ids = {
+            "perturbation": pert_ids,
+            "context": cfg.encode("context", conds["context"].tolist()),
+            "batch": cfg.encode("batch", conds["batch"].tolist()),
+        }
+        doses = conds["dose"].to_numpy()
+        if not cfg.use_dose and np.isfinite(doses).any():
+            raise ValueError("doses given but the model was built without doses (use_dose=False)")
+        # The atlas stores dose 0 for data without doses, so an unset dose is 0 for a dose model.
+        ids["dose"] = [torch.tensor([0.0 if not np.isfinite(d) else float(d)]) if cfg.use_dose else None for d in doses]
+        if np.isfinite(doses).any() and (doses[np.isfinite(doses)] < 0).any():
+            raise ValueError("doses must be >= 0")
+        feature_list = [torch.from_numpy(feats[p])[None] if p in feats else None for p in conds["perturbation"]]
+        return ids, feature_list
+
+    # ------------------------------------------------------------------ control cells
+    def _control_pool(self, control, *, perturbation_key, context_key, batch_key, control_label, gene_key,
+                      layer, input_space, allow_missing_genes) -> tuple[dict, dict]:
+        """Select, gene-map and normalise the control cells: X [n, G] in the model's space."""
+        cfg, norm = self.config, self.norm
+        if not hasattr(control, "obs") or not hasattr(control, "var"):
+            raise ValueError(f"control must be an AnnData, got {type(control).__name__}")
+        obs = control.obs
+        pkey = _resolve_key(obs, perturbation_key, "perturbation", "perturbation_key")
+        ckey = _resolve_key(obs, context_key, "context", "context_key")
+        bkey = _resolve_key(obs, batch_key, "batch", "batch_key")
+        label = control_label if control_label is not None else (cfg.control_label or "control")
+        if pkey is None:
+            rows = np.arange(control.n_obs)
+        else:
+            labels = obs[pkey].astype(str).to_numpy()
+            rows = np.flatnonzero(labels == label)
+            if rows.size == 0:
+                values = pd.unique(labels)
+                raise ValueError(
+                    f"no control cells: obs[{pkey!r}] has no {label!r} (values: {list(values[:10])}"
+                    + (" ..." if len(values) > 10 else "") + "); set control_label / --control-label"
+                )
+
+        # Genes: the model's vocabulary, looked up by name in the control data.
+        if gene_key is not None and gene_key not in control.var.columns:
+            raise ValueError(f"gene_key {gene_key!r} is not a var column (columns: {list(control.var.columns)})")
+        names = (control.var[gene_key] if gene_key is not None else control.var_names).astype(str)
+        model_genes = cfg.gene_names or []
+        if not model_genes:
+            raise ValueError("the model has no gene_names: cannot map the control data's genes")
+        col_of = {}
+        dup = set()
+        for j, g in enumerate(names):
+            if g in col_of:
+                dup.add(g)
+            col_of.setdefault(g, j)
+        dup_model = sorted(dup & set(model_genes))
+        if dup_model:
+            raise ValueError(f"the control data has duplicated gene names among the model's genes: {dup_model[:5]}")
+        cols = np.array([col_of.get(g, -1) for g in model_genes])
+        present = cols >= 0
+        n_shared, G = int(present.sum()), len(model_genes)
+        if n_shared < G:
+            missing = [g for g, ok in zip(model_genes, present) if not ok]
+            msg = (f"{n_shared} of the model's {G} genes are in the control data ({len(names)} genes); "
+                   f"{G - n_shared} missing (e.g. {missing[:5]})")
+            hint = _better_gene_column(control.var, model_genes, n_shared) if gene_key is None else None
+            if hint:
+                msg += f"; var column {hint!r} matches more: pass gene_key={hint!r} (--gene-key {hint})"
+            if not allow_missing_genes:
+                raise ValueError(msg + "; pass allow_missing_genes=True (--allow-missing-genes) to fill them with zeros")
+            if n_shared < MIN_GENE_FRACTION * G:
+                raise ValueError(msg + f"; too few to predict from (at least {MIN_GENE_FRACTION:.0%} must match)")
+            warnings.warn(msg + "; filling them with zeros", stacklevel=3)
+
+        # Expression of the selected cells: all genes (for the totals), then the model's genes.
+        if layer is not None and layer not in control.layers:
+            raise ValueError(f"layer {layer!r} not in the control data (layers: {list(control.layers.keys())})")
+        X = control.layers[layer] if layer is not None else control.X
+        if X is None:
+            raise ValueError("the control AnnData has no expression matrix (X is None)")
+        X = X[rows]
+        X = X.tocsr() if sp.issparse(X) else np.asarray(X)
+        space = detect_input_space(X, input_space)
+        sub = X[:, cols[present]]
+        sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        sub = sub.astype(np.float32, copy=False)
+        if space == "counts":
+            totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        else:
+            totals = np.asarray((X.expm1() if sp.issparse(X) else np.expm1(X)).sum(axis=1), dtype=np.float64).ravel()
+        keep = totals > 0
+        dropped = int((~keep).sum())
+        if dropped:
+            warnings.warn(f"dropping {dropped} control cells with no expression", stacklevel=3)
+        if not keep.any():
+            raise ValueError("every selected control cell has zero expression")
+        rows, sub, totals = rows[keep], sub[keep], totals[keep]
+        x, input_target_sum = _to_model_space(sub, totals, space, norm)
+        pool_X = np.zeros((len(rows), G), dtype=np.float32)
+        pool_X[:, present] = x
+        pool = {
+            "X": pool_X,
+            "context": obs[ckey].astype(str).to_numpy()[rows] if ckey else None,
+            "batch": obs[bkey].astype(str).to_numpy()[rows] if bkey else None,
+            "context_key": ckey,
+        }
+        info = {"input_space": space, "input_target_sum": input_target_sum, "missing_genes": G - n_shared,
+                "missing_mask": ~present, "dropped": dropped}
+        return pool, info
+
+    def _match_controls(self, conds: pd.DataFrame, pool: dict) -> tuple[list[np.ndarray], list[str]]:
+        """Control cells per condition: same context and batch, else same context (warned)."""
+        n = pool["X"].shape[0]
+        members, sources, empty, fallback = [], [], [], []
+        if pool["context"] is None and conds["context"].nunique() > 1:
+            warnings.warn("the control data has no context column: all control cells serve every context",
+                          stacklevel=3)
+        for cond in conds.itertuples(index=False):
+            ctx_mask = np.ones(n, bool) if pool["context"] is None else pool["context"] == cond.context
+            source = "all" if pool["context"] is None else "context"
+            mask = ctx_mask
+            if cond.batch is not None and pool["batch"] is not None:
+                both = ctx_mask & (pool["batch"] == cond.batch)
+                if both.any():
+                    mask, source = both, source + "+batch"
+                elif ctx_mask.any():
+                    fallback.append((cond.context, cond.batch))
+            if not mask.any():
+                empty.append(cond.context)
+            members.append(np.flatnonzero(mask))
+            sources.append(source)
+        if empty:
+            have = sorted(pd.unique(pool["context"])) if pool["context"] is not None else []
+            raise ValueError(
+                f"no control cells for context(s) {sorted(set(empty))[:10]} in obs[{pool['context_key']!r}] "
+                f"(contexts with control cells: {have[:20]})"
+            )
+        if fallback:
+            warnings.warn(f"no control cells for (context, batch) {sorted(set(fallback))[:5]}: using the context's "
+                          "control cells from all batches", stacklevel=3)
+        return members, sources
+
+
+# --------------------------------------------------------------------------- helpers
+def _to_model_space(sub: np.ndarray, totals: np.ndarray, space: str, norm: Normalization):
+    """The model's input space for the model's genes of each cell; ``totals`` are over all genes."""
+    if space == "counts":
+        # The other genes' counts go in as one extra column, so that normalize_counts (the same
+        # function the training data go through) sees each cell's full total.
+        other = np.clip(totals - sub.sum(axis=1, dtype=np.float64), 0, None).astype(np.float32)
+        return normalize_counts(np.concatenate([sub, other[:, None]], axis=1), norm)[:, :-1], -1.0
+    if norm.target_sum is None:
+        raise ValueError("the model takes log1p of un-normalised counts: pass raw counts (input_space='counts')")
+    # log1p(counts / total * s) with s unknown: when the data hold every gene, expm1 sums to s in
+    # every cell and we rescale to the model's target; otherwise assume the model's target sum.
+    median = float(np.median(totals))
+    constant = (totals.max() - totals.min()) <= 1e-2 * median
+    if constant:
+        factor, input_target_sum = norm.target_sum / median, median
+    else:
+        factor, input_target_sum = 1.0, -1.0
+        if not np.isclose(median, norm.target_sum, rtol=0.5) and median > norm.target_sum:
+            raise ValueError(
+                f"log1p-normalised controls whose totals (median {median:.4g}) exceed the model's "
+                f"target_sum {norm.target_sum:g}: they were normalised to another total; pass raw counts"
+            )
+    v = np.expm1(sub.astype(np.float64)) * factor
+    x = np.log1p(v) if norm.log1p else v
+    return (x / norm.scale).astype(np.float32), input_target_sum
+
+
+def _max_value(norm: Normalization) -> float | None:
+    """The largest value a cell can have in the output space (all counts in one gene)."""
+    if norm.target_sum is None:
+        return None
+    return float(np.log1p(norm.target_sum)) if norm.log1p else float(norm.target_sum)
+
+
+def _space_description(norm: Normalization) -> str:
+    inner = "counts / total * " + f"{norm.target_sum:g}" if norm.target_sum is not None else "counts"
+    return f"log1p({inner})" if norm.log1p else inner
+
+
+def _feature_table(features, dim: int) -> dict[str, np.ndarray]:
+    if isinstance(features, pd.DataFrame):
+        items = {str(k): row.to_numpy() for k, row in features.iterrows()}
+    else:
+        items = {str(k): np.asarray(v) for k, v in features.items()}
+    out = {}
+    for name, v in items.items():
+        v = np.asarray(v, dtype=np.float32).ravel()
+        if v.shape != (dim,):
+            raise ValueError(f"perturbation features for {name!r} have {v.size} values, the model takes {dim}")
+        if not np.isfinite(v).all():
+            raise ValueError(f"perturbation features for {name!r} are not finite")
+        out[name] = v
+    return out
+
+
+def _better_gene_column(var: pd.DataFrame, model_genes: Sequence[str], n_shared: int) -> str | None:
+    genes = set(model_genes)
+    best, best_n = None, n_shared
+    for col in var.columns:
+        if var[col].dtype == object or isinstance(var[col].dtype, pd.CategoricalDtype):
+            n = int(var[col].astype(str).isin(genes).sum())
+            if n > best_n:
+                best, best_n = col, n
+    return best
+
+
+def _draw_cells(rng: np.random.Generator, cells: np.ndarray, n_cells: int, padded: int) -> np.ndarray:
+    """``padded`` control-cell indices: the first ``n_cells`` without replacement while the pool
+    lasts (then with), the padding resampled with replacement."""
+    order = rng.permutation(cells)
+    if n_cells > len(cells):
+        order = np.concatenate([order, rng.choice(cells, n_cells - len(cells))])
+    order = order[:n_cells]
+    if padded > n_cells:
+        order = np.concatenate([order, rng.choice(cells, padded - n_cells)])
+    return order
+
+
+def condition_rngs(seed: int, condition: tuple) -> tuple[np.random.Generator, torch.Generator]:
+    """The random streams of one condition (control-cell draws, sampling noise).
+
+    They depend only on the seed and the condition's (perturbation, context, batch, dose), so a
+    condition's prediction does not change with the other rows of the table. The torch generator
+    lives on the CPU, so the noise is the same on every device.
+    """
+    key = zlib.crc32("|".join(str(v) for v in condition).encode())  # stable across processes, unlike hash()
+    ss = np.random.SeedSequence([int(seed), key])
+    torch_seed = int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return np.random.default_rng(ss), torch.Generator().manual_seed(torch_seed)
+
+
+def write_h5ad_atomic(adata, path: str | os.PathLike) -> Path:
+    """Write ``adata`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict perturbed cells from control cells with a trained model",
+        description="Predict perturbed cell populations for conditions (perturbation, context, batch, dose) "
+        "from control cells; writes an AnnData of log1p-normalised predictions in the model's gene order.",
+    )
+    p.add_argument("model", help="model folder (config.json + model.safetensors)")
+    p.add_argument("--control", required=True, help="control cells (.h5ad; counts or log1p-normalised)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    g = p.add_argument_group("conditions (a table, or flags whose combinations are all predicted)")
+    g.add_argument("--conditions", help="CSV/TSV with columns perturbation, context[, batch][, dose]")
+    g.add_argument("--perturbation", nargs="+")
+    g.add_argument("--context", nargs="+")
+    g.add_argument("--batch", nargs="+")
+    g.add_argument("--dose", nargs="+", type=float)
+    g.add_argument("--perturbation-features", help="CSV/TSV: perturbation name, then one column per feature")
+    c = p.add_argument_group("control data")
+    c.add_argument("--perturbation-key", help="obs column with perturbations (default 'perturbation' if present; "
+                   "without it every cell is a control)")
+    c.add_argument("--control-label", help="control value of --perturbation-key (default: the model's)")
+    c.add_argument("--context-key", help="obs column with the context (default 'context' if present)")
+    c.add_argument("--batch-key", help="obs column with the batch (default 'batch' if present)")
+    c.add_argument("--gene-key", help="var column with gene names (default var_names)")
+    c.add_argument("--layer", help="use this layer instead of X")
+    c.add_argument("--input-space", choices=INPUT_SPACES, default="auto")
+    c.add_argument("--allow-missing-genes", action="store_true", help="fill model genes absent from the data with zeros")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--cells-per-condition", type=int, help="default: the number of control cells for the condition")
+    s.add_argument("--set-size", type=int, default=256)
+    s.add_argument("--num-populations", type=int, default=1)
+    s.add_argument("--steps", type=int, default=100, help="DDIM steps")
+    s.add_argument("--guidance-scale", type=float, default=0.0)
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic given the seed)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-sets", type=int, default=8, help="sets per forward pass")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import anndata as ad
+
+    if args.conditions and any(v is not None for v in (args.perturbation, args.context, args.batch, args.dose)):
+        raise ValueError("give either --conditions or --perturbation/--context/--batch/--dose, not both")
+    if not args.conditions and (args.perturbation is None or args.context is None):
+        raise ValueError("give --conditions TABLE or both --perturbation and --context")
+    conditions = read_conditions(args.conditions) if args.conditions else None
+    features = None
+    if args.perturbation_features:
+        sep = "\t" if Path(args.perturbation_features).suffix.lower() in (".tsv", ".tab") else ","
+        features = pd.read_csv(args.perturbation_features, sep=sep, index_col=0)
+    if not Path(args.control).is_file():
+        raise FileNotFoundError(f"control data {args.control} does not exist")
+    pipe = PerturbDiffPipeline.from_pretrained(args.model, device=args.device)
+    control = ad.read_h5ad(args.control)
+    pred = pipe.predict(
+        control, conditions, perturbation=args.perturbation, context=args.context, batch=args.batch,
+        dose=args.dose, perturbation_features=features, perturbation_key=args.perturbation_key,
+        context_key=args.context_key, batch_key=args.batch_key, control_label=args.control_label,
+        gene_key=args.gene_key, layer=args.layer, input_space=args.input_space,
+        allow_missing_genes=args.allow_missing_genes, cells_per_condition=args.cells_per_condition,
+        set_size=args.set_size, num_populations=args.num_populations, num_steps=args.steps,
+        guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, batch_sets=args.batch_sets,
+        progress=not args.no_progress,
+    )
+    write_h5ad_atomic(pred, args.out)
+    n_cond = len(pred.uns["perturbdiff"]["conditions"])
+    print(f"wrote {pred.n_obs} predicted cells x {pred.n_vars} genes ({n_cond} conditions, "
+          f"{args.num_populations} population(s) each) to {args.out}")
+    return 0

@@ -1,0 +1,160 @@
+"""Evaluation on small synthetic screens where the right answer is known."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("cell_eval")
+
+from perturbdiff.cli import main  # noqa: E402
+from perturbdiff.evaluation import BASELINES, evaluate  # noqa: E402
+
+HELD_OUT = [("A", "T"), ("B", "T"), ("C", "M")]
+
+
+def synthetic_screen(n_genes=30, n_cells=40, seed=0):
+    """NB counts for 3 contexts x (control + 4 perturbations); effects are shared across contexts
+    (so the additive baseline is good) on top of context-specific baselines."""
+    rng = np.random.default_rng(seed)
+    contexts, perts = ("T", "M", "B"), ("A", "B", "C", "D")
+    base = {c: rng.gamma(2, 2, n_genes) for c in contexts}
+    effect = {p: np.where(rng.random(n_genes) < 0.3, rng.normal(0, 1.5, n_genes), 0.0) for p in perts}
+    effect["control"] = np.zeros(n_genes)
+    X, obs = [], []
+    for c in contexts:
+        for p in ("control", *perts):
+            mu = base[c] * np.exp(effect[p])
+            X.append(rng.negative_binomial(5, 5 / (5 + mu), size=(n_cells, n_genes)))
+            obs += [(p, c)] * n_cells
+    obs = pd.DataFrame(obs, columns=["perturbation", "cell_type"], index=[f"cell{i}" for i in range(len(obs))])
+    return ad.AnnData(np.concatenate(X).astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+
+
+def log1p_normalise(adata):
+    out = adata.copy()
+    out.X = np.log1p(out.X / out.X.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def split():
+    screen = synthetic_screen()
+    key = list(zip(screen.obs["perturbation"], screen.obs["cell_type"]))
+    held = np.array([k in HELD_OUT for k in key])
+    held_ctrl = ((screen.obs["perturbation"] == "control") & screen.obs["cell_type"].isin(["T", "M"])).to_numpy()
+    real = screen[held | held_ctrl].copy()
+    train = screen[~held].copy()
+    truth = log1p_normalise(real[real.obs["perturbation"] != "control"])
+    truth.obs = truth.obs.rename(columns={"cell_type": "context"})  # as `perturbdiff predict` writes it
+    # A "prediction" that is each condition's control cells, labelled as the condition.
+    blocks = []
+    for p, c in HELD_OUT:
+        ctrl = log1p_normalise(real[(real.obs["perturbation"] == "control") & (real.obs["cell_type"] == c)])
+        ctrl.obs = pd.DataFrame({"perturbation": p, "context": c}, index=[f"{p}{c}{i}" for i in range(ctrl.n_obs)])
+        blocks.append(ctrl)
+    as_control = ad.concat(blocks)
+    return real, train, truth, as_control
+
+
+def run(pred, real, train, **kw):
+    kw = {"context_key": "cell_type", "plots": False, "num_threads": 1, **kw}
+    return evaluate(pred, real, train, **kw)
+
+
+def test_truth_is_perfect_and_control_is_worse(split, tmp_path):
+    real, train, truth, as_control = split
+    good = run(truth, real, train, outdir=tmp_path, plots=True)
+    agg = good.aggregate.set_index("method")
+    assert list(agg.index) == ["PerturbDiff", *BASELINES] and (agg["num_conditions"] == 3).all()
+    model = agg.loc["PerturbDiff"]
+    assert model["pearson_delta"] == pytest.approx(1.0)
+    assert model["r2_delta"] == pytest.approx(1.0) and model["mse"] == pytest.approx(0.0, abs=1e-10)
+    assert model["energy_distance"] == pytest.approx(0.0, abs=1e-4)
+    assert model["discrimination_score_l1"] == 1.0 and model["overlap_at_N"] == 1.0
+    # Baselines: the additive shift (effects are shared across contexts) beats the control.
+    assert agg.loc["additive_shift", "pearson_delta"] > 0.5
+    assert agg.loc["additive_shift", "energy_distance"] < agg.loc["control_mean", "energy_distance"]
+    assert np.isnan(agg.loc["control_mean", "pearson_delta"])  # a zero predicted shift has no correlation
+
+    bad = run(as_control, real, train, baselines=[]).aggregate.set_index("method").loc["PerturbDiff"]
+    assert bad["energy_distance"] > model["energy_distance"] + 0.1
+    assert bad["mse"] > model["mse"] and bad["overlap_at_N"] < model["overlap_at_N"]
+    assert not bad["pearson_delta"] >= model["pearson_delta"] - 0.5  # NaN or far below
+    # The control-as-prediction equals the control_mean baseline.
+    assert bad["energy_distance"] == pytest.approx(agg.loc["control_mean", "energy_distance"], rel=1e-6)
+
+    # Files: CSVs, markdown summary, PNG plots.
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["mean_shift.png", "metrics.png", "metrics_aggregate.csv", "metrics_per_condition.csv",
+                     "pca.png", "summary.md"]
+    per_condition = pd.read_csv(tmp_path / "metrics_per_condition.csv")
+    assert len(per_condition) == 3 * (1 + len(BASELINES))
+    assert {"method", "perturbation", "context", "pearson_delta", "energy_distance", "fallback"} <= set(per_condition.columns)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| pearson_delta ↑ | **1** |" in summary and "additive_shift" in summary
+    for png in ("mean_shift.png", "pca.png", "metrics.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_populations_and_counts_input(split):
+    real, train, truth, _ = split
+    # Two predicted populations: population 0 is the truth, population 1 the truth shifted.
+    shifted = truth.copy()
+    shifted.X = shifted.X + 0.5
+    shifted.obs_names = [f"s{i}" for i in range(shifted.n_obs)]
+    pred = ad.concat([truth, shifted])
+    pred.obs["population"] = [0] * truth.n_obs + [1] * truth.n_obs
+    result = run(pred, real, None, baselines=None, profile="minimal")  # real is raw counts: normalised here
+    row = result.aggregate.set_index("method").loc["PerturbDiff"]
+    assert row["pearson_delta"] == pytest.approx(1.0)  # population 0 is scored by cell-eval
+    per = result.per_condition
+    assert (per["num_populations"] == 2).all() and (per["energy_distance_sd"] > 0).all()
+    pooled = run(pred, real, None, baselines=None, profile="minimal", population="all")
+    assert (pooled.per_condition["num_pred_cells"] == 2 * per["num_pred_cells"]).all()
+
+
+def test_controls_from_train_and_fallback(split):
+    real, train, truth, _ = split
+    real_no_ctrl = real[real.obs["perturbation"] != "control"].copy()
+    train_no_a = train[train.obs["perturbation"] != "A"].copy()  # A is then seen in no context
+    with pytest.warns(UserWarning, match=r"baseline additive_shift: no training data to form it for \[\('A', 'T'\)\]"):
+        result = run(truth, real_no_ctrl, train_no_a, baselines=["control_mean", "additive_shift"], profile="minimal")
+    per = result.per_condition
+    assert (per["control_source"] == "train").all()
+    fell_back = per[per["fallback"]]
+    assert fell_back[["method", "perturbation", "context"]].values.tolist() == [["additive_shift", "A", "T"]]
+
+
+def test_errors(split):
+    real, train, truth, _ = split
+    with pytest.raises(ValueError, match=r"need the training data"):
+        run(truth, real, None, baselines=["additive_shift"])
+    with pytest.raises(ValueError, match=r"unknown baseline"):
+        run(truth, real, train, baselines=["mean"])
+    other = truth.copy()
+    other.obs["perturbation"] = "Z"
+    with pytest.raises(ValueError, match=r"no condition \(perturbation, context\) is in both"):
+        run(other, real, train)
+    with pytest.raises(ValueError, match=r"real: 5 of the prediction's 30 genes are missing"):
+        run(truth, real[:, 5:].copy(), train)
+    with pytest.raises(ValueError, match=r"no control cells \('control'\) for context 'M'"):
+        run(truth, real[real.obs["perturbation"] != "control"].copy(), None, baselines=None)
+    with pytest.raises(ValueError, match=r"population 3 not in the prediction"):
+        run(truth, real, train, population=3)
+
+
+def test_cli_evaluate(split, tmp_path, capsys):
+    real, train, truth, _ = split
+    for name, adata in (("pred", truth), ("real", real), ("train", train)):
+        adata.write_h5ad(tmp_path / f"{name}.h5ad")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad"),
+                 "--train", str(tmp_path / "train.h5ad"), "--out", str(out), "--context-key", "cell_type",
+                 "--baselines", "control_mean", "additive_shift", "--profile", "vcc", "--num-threads", "1", "--no-plots"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| metric | PerturbDiff | control_mean | additive_shift |" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["metrics_aggregate.csv", "metrics_per_condition.csv", "summary.md"]
+    missing = ["evaluate", "--pred", str(tmp_path / "nope.h5ad"), "--real", str(tmp_path / "real.h5ad"), "--out", str(out)]
+    assert main(missing) == 2
