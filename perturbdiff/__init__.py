@@ -15,7 +15,32 @@ __version__ = "0.1.0"
 AutoConfig.register(PerturbDiffConfig.model_type, PerturbDiffConfig, exist_ok=True)
 AutoModel.register(PerturbDiffConfig, PerturbDiffModel, exist_ok=True)
 
+# Heavier user-facing layers load on first use: ``perturbdiff.PerturbDiffPipeline`` etc.
+_LAZY = {
+    "PerturbDiffPipeline": ".pipeline",
+    "evaluate": ".evaluation",
+    "adapt_model": ".adapt",
+    "Trainer": ".trainer",
+    "TrainConfig": ".trainer",
+    "load_train_config": ".trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "PerturbDiffPipeline",
+    "TrainConfig",
+    "Trainer",
+    "adapt_model",
+    "evaluate",
+    "load_train_config",
     "COVARIATES",
     "CONDITIONAL",
     "GaussianDiffusion",
