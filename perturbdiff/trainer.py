@@ -491,7 +491,9 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _atomic_json(self.output_dir / "train_config.json", self.cfg.to_dict())
         if acc.log_with:
-            acc.init_trackers("perturbdiff", config=_flat(self.cfg.to_dict()))
+            hparams = _flat_nested(self.cfg.to_dict(), keep=())
+            acc.init_trackers("perturbdiff", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                     for k, v in hparams.items()})
         self._print(
             f"PerturbDiff {t.objective} training: {self.model_config.num_genes} genes, "
             f"{sum(p.numel() for p in acc.unwrap_model(self.model).parameters()) / 1e6:.2f}M parameters, "
@@ -796,16 +798,6 @@ def _set_ids(batch: dict) -> list:
     return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 # =========================================================================== command line
 def build_arg_parser(description: str, default_config: str | os.PathLike):
     import argparse
@@ -861,11 +853,12 @@ def config_from_args(args) -> TrainConfig:
     return load_train_config(None, {**flat, **extra})
 
 
-def _flat_nested(d: dict, prefix: str = "") -> dict:
+def _flat_nested(d: dict, prefix: str = "", keep: tuple = ("overrides", "columns")) -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; the dict-valued fields named in ``keep`` stay whole."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k not in ("overrides", "columns"):
-            out.update(_flat_nested(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and k not in keep:
+            out.update(_flat_nested(v, f"{prefix}{k}.", keep))
         else:
             out[f"{prefix}{k}"] = v
     return out

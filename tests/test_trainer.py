@@ -71,7 +71,8 @@ def check_export(out, steps: int):
 
 
 def test_single_process_run_writes_export_checkpoints_and_logs(env, tmp_path):
-    proc = launch(env, tmp_path)
+    proc = launch(env, tmp_path, "train.tracker=tensorboard")
+    assert list((tmp_path / "logs").rglob("events.out.tfevents*")), "no TensorBoard event file"
     assert "cells per optimizer step" in proc.stdout and "export:" in proc.stdout
     m = metrics(tmp_path)
     assert sorted(m) == [1, 2, 3, 4, 5, 6]
