@@ -50,7 +50,7 @@ from .losses import energy_distance
 from .normalization import Normalization, normalize_counts
 from .pipeline import detect_input_space
 
-__all__ = ["Evaluation", "evaluate", "BASELINES", "HEADLINE_METRICS", "add_parser"]
+__all__ = ["Evaluation", "evaluate", "split_for_evaluation", "BASELINES", "HEADLINE_METRICS", "add_parser"]
 
 BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean")
 _TRAIN_BASELINES = ("perturbation_mean", "additive_shift", "context_mean")
@@ -405,6 +405,65 @@ def _own_metrics(cells: dict, pops: dict, data: _Data, pca, max_cells: int, seed
     for col, values in _discrimination(pred_eff, real_eff, names, data.genes).items():
         frame[col] = values
     return frame
+
+
+# --------------------------------------------------------------------------- splits
+def split_for_evaluation(
+    adata,
+    held_out,
+    *,
+    perturbation_key: str = "perturbation",
+    context_key: str = "context",
+    control_label: str = "control",
+    dataset: str | None = None,
+    dataset_key: str | None = None,
+    split: str = "test",
+) -> dict:
+    """Cut a screen into the AnnData that ``predict`` and ``evaluate`` take, by a training split.
+
+    The split is the one the trainer uses (a ``SplitSpec``, a split file or its dict; e.g.
+    ``SplitSpec.held_out(contexts, perturbations)``: held-out context ∩ held-out perturbation), so
+    the evaluation sees exactly the cells the model was not trained on.
+
+    Args:
+        adata: the whole screen (counts or log1p; nothing is normalised here).
+        held_out: the split (``SplitSpec``, path to a STATE TOML / JSON split file, or dict).
+        perturbation_key, context_key, control_label: obs columns and the control value.
+        dataset, dataset_key: the dataset name the split's "dataset.context" keys refer to: a fixed
+            name or an obs column (keys without a dataset prefix match any dataset).
+        split: the split to evaluate (``"test"`` or ``"val"``).
+
+    Returns:
+        ``{"real": held-out cells + the control cells of their contexts, "train": the cells of the
+        training split (controls included), "control": the control cells of the held-out contexts}``
+        (copies; same genes and obs as ``adata``). Raises ``ValueError`` when the split selects no cell.
+    """
+    from .data.splits import as_split_spec
+
+    spec = as_split_spec(held_out)
+    if spec is None:
+        raise ValueError("split_for_evaluation needs a split (held_out)")
+    obs = adata.obs
+    for key, flag in ((perturbation_key, "perturbation_key"), (context_key, "context_key"), (dataset_key, "dataset_key")):
+        if key is not None and key not in obs.columns:
+            raise ValueError(f"obs has no column {key!r} ({flag}); columns: {list(obs.columns)}")
+    pert = obs[perturbation_key].astype(str).to_numpy()
+    ctx = obs[context_key].astype(str).to_numpy()
+    ds = obs[dataset_key].astype(str).to_numpy() if dataset_key else np.full(len(obs), dataset or "")
+    is_ctrl = pert == control_label
+    if not is_ctrl.any():
+        raise ValueError(f"no control cells: label {control_label!r} not in obs[{perturbation_key!r}]")
+    keys = pd.MultiIndex.from_arrays([ds, ctx, pert, is_ctrl])
+    codes, groups = pd.factorize(keys)
+    assigned = [spec.assign(d, c, p, bool(k)) for d, c, p, k in groups]
+    in_split = np.array([split in a for a in assigned])[codes]
+    in_train = np.array(["train" in a for a in assigned])[codes]
+    held = in_split & ~is_ctrl
+    if not held.any():
+        raise ValueError(f"the split selects no perturbed cell for {split!r}")
+    contexts = np.unique(ctx[held])
+    ctrl_rows = is_ctrl & np.isin(ctx, contexts)
+    return {"real": adata[held | ctrl_rows].copy(), "train": adata[in_train].copy(), "control": adata[ctrl_rows].copy()}
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -158,3 +158,27 @@ def test_cli_evaluate(split, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["metrics_aggregate.csv", "metrics_per_condition.csv", "summary.md"]
     missing = ["evaluate", "--pred", str(tmp_path / "nope.h5ad"), "--real", str(tmp_path / "real.h5ad"), "--out", str(out)]
     assert main(missing) == 2
+
+
+def test_split_for_evaluation_matches_the_training_split():
+    from perturbdiff.data import SplitSpec
+    from perturbdiff.evaluation import split_for_evaluation
+
+    screen = synthetic_screen(n_genes=8, n_cells=5)
+    spec = SplitSpec.held_out(["T", "M"], ["A", "B"])
+    parts = split_for_evaluation(screen, spec, context_key="cell_type")
+    pairs = lambda a: set(zip(a.obs["perturbation"], a.obs["cell_type"]))  # noqa: E731
+    held = {("A", "T"), ("B", "T"), ("A", "M"), ("B", "M")}
+    assert pairs(parts["real"]) == held | {("control", "T"), ("control", "M")}
+    assert pairs(parts["control"]) == {("control", "T"), ("control", "M")}
+    assert not pairs(parts["train"]) & held
+    assert pairs(parts["train"]) | held == pairs(screen)  # controls stay in train: they are the control pool
+    assert parts["real"].n_obs == 6 * 5 and parts["train"].n_obs == screen.n_obs - 4 * 5
+    # a split file's dict with a dataset prefix, and the errors
+    by_dict = split_for_evaluation(screen, {"fewshot": {"scr.B": {"test": ["C"]}}}, context_key="cell_type",
+                                   dataset="scr")
+    assert pairs(by_dict["real"]) == {("C", "B"), ("control", "B")}
+    with pytest.raises(ValueError, match="no perturbed cell"):
+        split_for_evaluation(screen, {"fewshot": {"other.B": {"test": ["C"]}}}, context_key="cell_type", dataset="scr")
+    with pytest.raises(ValueError, match="no column 'context'"):
+        split_for_evaluation(screen, spec)
