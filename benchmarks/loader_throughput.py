@@ -11,6 +11,7 @@ What it measures (each in a fresh child process, so every peak RSS is that step'
   peak RSS, beside the size of the input's X in memory;
 - the loader (conditional sets of m=256 with their control sets, normalised dense tensors out,
   one process, no workers) on both atlases: cells/s counting x0 and control cells, and peak RSS;
+  also with 2 DataLoader workers, and (``--lz4``) on a 1M atlas built with ``--codec lz4``;
 - the reference way: the *same* sets (the loader's exact cells, via ``batch_rows``) read from the
   backed ``.h5ad`` through anndata (``adata[rows].X``), densified and normalised; on the
   uncompressed input and, unless ``--no-gzip``, on a gzip-compressed copy (how h5ad files are often
@@ -63,7 +64,7 @@ def child_build(a):
 
     base = _rss_mb()
     t = time.time()
-    build_atlas(a.inputs, a.output, overwrite=True, progress=False, **BUILD_COLUMNS)
+    build_atlas(a.inputs, a.output, overwrite=True, progress=False, codec=a.codec, **BUILD_COLUMNS)
     seconds = time.time() - t
     size = sum(f.stat().st_size for f in Path(a.output).rglob("*") if f.is_file())
     return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_import_mb": base, "atlas_bytes": size}
@@ -167,12 +168,15 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=60, help="loader batches measured")
     p.add_argument("--reference-batches", type=int, default=8, help="batches measured on the h5ad path")
     p.add_argument("--no-gzip", action="store_true", help="skip the gzip-compressed h5ad reference")
+    p.add_argument("--lz4", action="store_true", help="also build the 1M atlas with --codec lz4 and time its loader")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
+    p.add_argument("--reuse", action="store_true", help="reuse input .h5ad files already in --workdir (from --keep)")
     # child-process arguments
     p.add_argument("--child", choices=sorted(CHILDREN))
     p.add_argument("--output")
     p.add_argument("--inputs", nargs="*")
     p.add_argument("--compression")
+    p.add_argument("--codec", default="zstd")
     p.add_argument("--atlas")
     p.add_argument("--h5ad")
     p.add_argument("--workers", type=int, default=0)
@@ -188,13 +192,20 @@ def main(argv=None) -> int:
     atlas1, atlas4 = work / "atlas_1m.zarr", work / "atlas_big.zarr"
     common = dict(set_size=a.set_size, batch_size=a.batch_size)
     out = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_average_at_start": os.getloadavg()},
         "config": {"cells": a.cells, "genes": a.genes, "big_cells": a.cells * a.big_copies, "set_size": a.set_size,
                    "batch_size": a.batch_size, "cells_per_s_counts": "x0 + control cells, normalised dense float32 out"},
     }
     try:
-        _log(f"generating {a.cells:,} x {a.genes:,} h5ad")
-        gen = run_child("generate", output=h5, cells=a.cells, genes=a.genes)
+        if a.reuse and h5.exists():
+            import h5py
+
+            with h5py.File(h5) as f:
+                gen = {"seconds": None, "nnz": int(f["X/data"].shape[0]), "file_bytes": h5.stat().st_size, "reused": True}
+        else:
+            _log(f"generating {a.cells:,} x {a.genes:,} h5ad")
+            gen = run_child("generate", output=h5, cells=a.cells, genes=a.genes)
         gen["x_in_memory_bytes"] = gen["nnz"] * 8 + (a.cells + 1) * 8  # float32 data + int32 indices + int64 indptr
         out["input"] = gen
         _log(f"building {atlas1.name}")
@@ -214,14 +225,21 @@ def main(argv=None) -> int:
         out["loader_1m"] = run_child("loader", atlas=atlas1, batches=a.batches, **common)
         _log("loader on the big atlas")
         out["loader_4m"] = run_child("loader", atlas=atlas4, batches=a.batches, **common)
+        if a.lz4:
+            _log("lz4 variant of the 1M atlas")
+            lz4 = work / "atlas_1m_lz4.zarr"
+            out["build_1m_lz4"] = run_child("build", inputs=[h5], output=lz4, codec="lz4")
+            out["loader_1m_lz4"] = run_child("loader", atlas=lz4, batches=a.batches, **common)
+            shutil.rmtree(lz4, ignore_errors=True)
         _log("loader with 2 DataLoader workers")
         out["loader_1m_2workers"] = run_child("loader", atlas=atlas1, batches=a.batches, workers=2, **common)
         _log("reference: the same sets from the backed h5ad through anndata")
         out["reference_h5ad"] = run_child("reference", atlas=atlas1, h5ad=h5, batches=a.reference_batches, **common)
         if not a.no_gzip:
             gz = work / "input_gzip.h5ad"
-            _log("generating the gzip-compressed h5ad (same cells)")
-            out["input_gzip"] = run_child("generate", output=gz, cells=a.cells, genes=a.genes, compression="gzip")
+            if not (a.reuse and gz.exists()):
+                _log("generating the gzip-compressed h5ad (same cells)")
+                out["input_gzip"] = run_child("generate", output=gz, cells=a.cells, genes=a.genes, compression="gzip")
             out["reference_h5ad_gzip"] = run_child("reference", atlas=atlas1, h5ad=gz, batches=a.reference_batches, **common)
         loader = out["loader_1m"]["cells_per_s"]
         out["speedup_vs_h5ad"] = loader / out["reference_h5ad"]["cells_per_s"]
@@ -238,6 +256,7 @@ def main(argv=None) -> int:
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
+    out["machine"]["load_average_at_end"] = os.getloadavg()
     print(json.dumps(out, indent=2))
     return 0
 

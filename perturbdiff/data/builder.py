@@ -83,9 +83,14 @@ def _dose(src, key: str | None) -> np.ndarray:
     return num.fillna(0.0).to_numpy(dtype=np.float64)  # controls often have no dose: 0
 
 
+def _compact_names(names) -> np.ndarray:
+    """Cell names as UTF-8 bytes in a numpy ``S`` array (a few bytes per cell instead of a Python string)."""
+    return np.char.encode(np.asarray(names, dtype=object).astype(str), "utf-8")
+
+
 def _union_codes(cats: list[pd.Categorical]) -> tuple[list[np.ndarray], list[str]]:
     names = sorted(set().union(*[set(c.categories) for c in cats]))
-    return [pd.Categorical(c, categories=names).codes.astype(np.int64) for c in cats], names
+    return [pd.Categorical(c, categories=names).codes.astype(np.int32) for c in cats], names
 
 
 def highly_variable_genes(mean: np.ndarray, var: np.ndarray, n_top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +143,7 @@ class _CountsCleaner:
             row = int(np.searchsorted(m.indptr, np.flatnonzero(bad)[0], side="right") - 1)
             kind = "non-finite" if not np.isfinite(d[bad]).all() else "negative"
             raise ValueError(
-                f"{self.src.name}: X has {kind} values (first in cell {self.obs_names[rows[row]]!r}); raw, "
+                f"{self.src.name}: X has {kind} values (first in cell {self.obs_names[rows[row]].decode()!r}); raw, "
                 "non-negative counts are expected (declare log1p-normalised input with input_log1p=True / --input-log1p)"
             )
         if self.input_log1p:
@@ -212,8 +217,9 @@ def build_atlas(
     obs_names_key: str | None = None,
     n_top_genes: int = 2000,
     block_cells: int = 16384,
-    chunk_elems: int = 65536,
-    shard_chunks: int = 64,
+    chunk_elems: int = 32768,
+    shard_chunks: int = 128,
+    codec: str = "zstd",
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -242,6 +248,7 @@ def build_atlas(
         n_top_genes: how many highly variable genes to flag in ``var["highly_variable"]``.
         block_cells: cells per streamed block (bounds the builder's memory).
         chunk_elems, shard_chunks: Zarr chunking of X (values per chunk, chunks per shard file).
+        codec: Blosc compressor of X: "zstd" (compact) or "lz4" (decodes faster, ~1.8x larger).
         seed: seed of the within-group shuffle.
         overwrite: replace an existing atlas at ``output``.
         progress: show a progress bar.
@@ -280,7 +287,7 @@ def build_atlas(
                 _column(src, perturbation_key, role="perturbation", flag="--perturbation-key", default=control_label, missing=None)
             )
             doses.append(_dose(src, dose_key))
-            names.append(src.obs_names())
+            names.append(_compact_names(src.obs_names()))
         n_total = sum(s.num_cells for s in sources)
         if n_total == 0:
             raise ValueError("the inputs have no cells")
@@ -303,7 +310,7 @@ def build_atlas(
             raise ValueError("too many distinct covariate values to index groups")
         key = np.zeros(n_total, dtype=np.int64)
         for k, size in zip(GROUP_KEYS, sizes):
-            key = key * size + codes[k]
+            key = key * size + codes[k].astype(np.int64)
         group_keys, gid = np.unique(key, return_inverse=True)  # sorted = lexicographic by names
         del key, codes
         parts, rest = {}, group_keys.copy()
@@ -372,7 +379,7 @@ def build_atlas(
         g_sq = np.zeros(num_genes)
         g_n = np.zeros(num_genes, dtype=np.int64)
         with AtlasWriter(
-            output, num_genes=num_genes, chunk_elems=chunk_elems, shard_chunks=shard_chunks, overwrite=overwrite
+            output, num_genes=num_genes, chunk_elems=chunk_elems, shard_chunks=shard_chunks, codec=codec, overwrite=overwrite
         ) as writer:
             if spooled:
                 spool = _Spool(writer.path.parent / f".{writer.path.name}.spool-{writer.tmp.name[-8:]}")
@@ -438,19 +445,19 @@ def build_atlas(
                 index=pd.Index(np.asarray(gene_names, dtype=object).astype(str), name=None),
             )
             all_names = np.concatenate(names)
-            if not pd.Index(all_names).is_unique:
+            del names
+            if len(np.unique(all_names)) != n_total:
                 # cell names repeat across inputs (e.g. barcodes): qualify them with their input's name
-                src_tag = np.repeat(
-                    [(s.path.stem if s.path is not None else s.name) for s in sources], [s.num_cells for s in sources]
-                )
-                all_names = np.char.add(np.char.add(src_tag.astype(str), ":"), all_names.astype(str)).astype(object)
+                tags = [_compact_names(np.array([(s.path.stem if s.path is not None else s.name) + ":"], dtype=object)) for s in sources]
+                all_names = np.concatenate([np.char.add(t, all_names[a:b]) for t, a, b in zip(tags, src_offsets[:-1], src_offsets[1:])])
+                if len(np.unique(all_names)) != n_total:
+                    raise ValueError("cell names are not unique within an input; make obs_names unique first")
             group_of_row = np.repeat(np.arange(len(groups)), counts)
             obs = pd.DataFrame(
                 {
                     k: pd.Categorical.from_codes(parts[k][group_of_row].astype(np.int32), categories=list(cats[k]))
                     for k in ("dataset", "context", "perturbation", "batch")
-                },
-                index=pd.Index(np.asarray(all_names, dtype=object)[final_cells].astype(str)),
+                }
             )
             obs["dose"] = groups["dose"].to_numpy()[group_of_row].astype(np.float32)
             obs["is_control"] = is_control[group_of_row]
@@ -478,9 +485,9 @@ def build_atlas(
                     }
                     for s, c in zip(sources, cleaners)
                 ],
-                "build": {"block_cells": block_cells, "seed": seed, "n_top_genes": n_top_genes},
+                "build": {"block_cells": block_cells, "seed": seed, "n_top_genes": n_top_genes, "codec": codec},
             }
-            return writer.finish(obs=obs, var=var_df, groups=groups, metadata=metadata)
+            return writer.finish(obs=obs, obs_names=all_names[final_cells], var=var_df, groups=groups, metadata=metadata)
     finally:
         for s in sources:
             s.close()

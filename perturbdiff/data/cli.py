@@ -49,8 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--obs-names-key", help="column with unique cell ids")
     g = b.add_argument_group("storage")
     g.add_argument("--block-cells", type=int, default=16384, help="cells per streamed block (bounds memory)")
-    g.add_argument("--chunk-elems", type=int, default=65536, help="values per compressed chunk of X")
-    g.add_argument("--shard-chunks", type=int, default=64, help="chunks per shard file")
+    g.add_argument("--chunk-elems", type=int, default=32768, help="values per compressed chunk of X")
+    g.add_argument("--shard-chunks", type=int, default=128, help="chunks per shard file")
+    g.add_argument("--codec", choices=["zstd", "lz4"], default="zstd",
+                   help="compressor of X: zstd (compact, default) or lz4 (faster to decode, ~1.8x larger)")
     g.add_argument("--seed", type=int, default=0, help="seed of the within-group shuffle")
     b.add_argument("--overwrite", action="store_true", help="replace an existing atlas")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -112,6 +114,7 @@ def _build(args) -> int:
         block_cells=args.block_cells,
         chunk_elems=args.chunk_elems,
         shard_chunks=args.shard_chunks,
+        codec=args.codec,
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.quiet,

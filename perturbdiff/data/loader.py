@@ -188,17 +188,20 @@ class CellSetDataset(IterableDataset):
 
         # eligible groups, control pools, and the natural (unweighted) sets of an epoch
         m = self.set_size
-        self._base = []
+        self._base = []  # per atlas: rows (group, k) of its natural sets
         for src in self.sources:
             g = src.groups
-            if self.held_out is None:
+            if split == "all":
                 in_split = np.ones(len(g), dtype=bool)
+            elif self.held_out is None:  # no split given: everything is train
+                in_split = np.full(len(g), split == "train")
             else:
                 in_split = np.array(
                     [
-                        split == "all" or split in self.held_out.assign(d, c, p, bool(ic))
+                        split in self.held_out.assign(d, c, p, bool(ic))
                         for d, c, p, ic in zip(g["dataset"], g["context"], g["perturbation"], g["is_control"])
-                    ]
+                    ],
+                    dtype=bool,
                 )
             eligible = in_split & (src.size > 0)
             if mode == "conditional" and not include_control_sets:
@@ -207,31 +210,29 @@ class CellSetDataset(IterableDataset):
             if mode == "conditional":
                 src.controls = self._control_pools(src, gids)
             sets = -(-src.size[gids] // m)
-            self._base.append(np.stack([np.repeat(gids, sets), np.concatenate([np.arange(k) for k in sets]) if len(sets) else np.zeros(0, np.int64)], axis=1).astype(np.int64))
+            k = np.arange(sets.sum()) - np.repeat(np.cumsum(sets) - sets, sets)  # 0..sets-1 per group
+            self._base.append(np.stack([np.repeat(gids, sets), k], axis=1).astype(np.int64))
         natural = np.array([len(b) for b in self._base], dtype=np.int64)
         if natural.sum() == 0:
             raise ValueError(f"no sets to stream: split {split!r} of mode {mode!r} selects no groups")
         self.num_sets = int(sets_per_epoch) if sets_per_epoch is not None else int(natural.sum())
-        if weights is None:
-            if sets_per_epoch is not None and len(self.sources) > 1:
-                weights = natural.astype(float)
-            self._counts = natural if sets_per_epoch is None else None
+        if weights is None and sets_per_epoch is None:
+            self._counts = natural  # every set once
         else:
-            if len(weights) != len(self.sources):
-                raise ValueError(f"got {len(weights)} weights for {len(self.sources)} atlases")
-            self._counts = None
-        if self._counts is None:
-            w = np.asarray(weights if weights is not None else [1.0], dtype=float)
+            w = natural.astype(float) if weights is None else np.asarray(weights, dtype=float)
+            if len(w) != len(self.sources):
+                raise ValueError(f"got {len(w)} weights for {len(self.sources)} atlases")
             if np.any(w < 0) or w.sum() <= 0:
                 raise ValueError("weights must be non-negative with a positive sum")
             for s, (wi, nat) in enumerate(zip(w, natural)):
                 if wi > 0 and nat == 0:
                     raise ValueError(f"atlas {self.sources[s].path} has weight {wi} but no sets in split {split!r}")
+            # sets per atlas in proportion to the weights, rounded by largest remainder to sum exactly
             exact = self.num_sets * w / w.sum()
             counts = np.floor(exact).astype(np.int64)
             counts[np.argsort(-(exact - counts), kind="stable")[: self.num_sets - counts.sum()]] += 1
             self._counts = counts
-        self.weights = None if weights is None else list(map(float, weights))
+        self.weights = None if weights is None else [float(x) for x in weights]
 
         self._epoch = 0
         self._resume_from = 0
