@@ -29,7 +29,6 @@ no set repeats.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -456,7 +455,8 @@ class CellSetDataset(IterableDataset):
             totals = np.zeros(n_rows)
             nonempty = lens > 0
             if nonempty.any():
-                totals[nonempty] = np.add.reduceat(data, indptr[:-1][nonempty], dtype=np.float64)
+                # float32 sums are exact for integer counts up to 2**24 per cell, and twice as fast
+                totals[nonempty] = np.add.reduceat(data, indptr[:-1][nonempty])
             scale = np.divide(norm.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
             values *= np.repeat(scale.astype(np.float32), lens)
         if norm.log1p:
