@@ -97,6 +97,9 @@ def adapt_model(
     new_sd["final_layer.linear.weight"][dst] = old_sd["final_layer.linear.weight"][src]
     new_sd["final_layer.linear.bias"][dst] = old_sd["final_layer.linear.bias"][src]
     handled |= {"x_embed.weight", "c_embed.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
+    if "final_layer.control_gate" in old_sd and "final_layer.control_gate" in new_sd:
+        new_sd["final_layer.control_gate"][dst] = old_sd["final_layer.control_gate"][src]
+        handled.add("final_layer.control_gate")
     report["genes"] = _counts(old_genes, config.gene_names or old_genes)
 
     for key, value in old_sd.items():  # everything else has the same shape

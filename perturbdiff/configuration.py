@@ -53,6 +53,9 @@ class PerturbDiffConfig(PretrainedConfig):
             embeddings, drug fingerprints); 0 disables them.
         num_train_timesteps, beta_schedule: the diffusion the model was trained with.
         self_conditioning: the input carries a self-conditioning estimate (input width 2G).
+        control_residual: add a learned per-gene gate times the control set's mean expression to
+            the head's output (before its activation), so the network can predict the change from
+            the control population; the gate starts at 0, so a model starts without it.
         normalization: dict of :class:`~perturbdiff.normalization.Normalization` fields.
         control_label: the perturbation name that marks control cells in the training data.
     """
@@ -77,6 +80,7 @@ class PerturbDiffConfig(PretrainedConfig):
         num_train_timesteps: int = 1000,
         beta_schedule: str = "cosine",
         self_conditioning: bool = True,
+        control_residual: bool = True,
         normalization: dict | None = None,
         control_label: str | None = "control",
         initializer_range: float = 0.02,
@@ -100,6 +104,7 @@ class PerturbDiffConfig(PretrainedConfig):
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
         self.self_conditioning = self_conditioning
+        self.control_residual = control_residual
         self.normalization = Normalization.from_dict(normalization).to_dict()
         self.control_label = control_label
         self.initializer_range = initializer_range

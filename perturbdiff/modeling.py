@@ -157,18 +157,25 @@ class JointBlock(nn.Module):
 
 # --------------------------------------------------------------------------- final layer
 class FinalLayer(nn.Module):
-    """adaLN, then Linear(d -> G), then a non-negative activation."""
+    """adaLN, then Linear(d -> G) (+ gated control-set mean), then a non-negative activation."""
 
-    def __init__(self, d: int, num_genes: int, activation: str):
+    # The gate is stored divided by this gain: Adam moves a parameter by about the learning rate
+    # per step, and the gate has to travel O(1) within a short finetuning run.
+    GATE_GAIN = 50.0
+
+    def __init__(self, d: int, num_genes: int, activation: str, control_residual: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(d, num_genes)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(d, 2 * d)))
+        self.control_gate = nn.Parameter(torch.zeros(num_genes)) if control_residual else None
         self.activation = activation
 
-    def forward(self, x, cond):
+    def forward(self, x, cond, control_mean=None):
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)  # [B, d] each
         out = self.linear(modulate(self.norm(x), shift, scale))  # [B, m, G]
+        if control_mean is not None and self.control_gate is not None:
+            out = out + (self.GATE_GAIN * self.control_gate * control_mean).unsqueeze(1)  # + [B, 1, G]
         if self.activation == "relu":
             return F.relu(out)
         if self.activation == "softplus":
@@ -200,6 +207,8 @@ class PerturbDiffPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.RMSNorm) and module.weight is not None:
             init.ones_(module.weight)
+        elif isinstance(module, FinalLayer) and module.control_gate is not None:
+            init.zeros_(module.control_gate)  # the control residual starts switched off
 
 
 class PerturbDiffModel(PerturbDiffPreTrainedModel):
@@ -220,7 +229,7 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         self.blocks = nn.ModuleList(
             [JointBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.num_layers)]
         )
-        self.final_layer = FinalLayer(d, G, config.output_activation)
+        self.final_layer = FinalLayer(d, G, config.output_activation, config.control_residual)
         self.post_init()
 
     def forward(
@@ -270,9 +279,14 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             keys = torch.cat([torch.ones(B, m, dtype=torch.bool, device=dev),
                               control_mask.to(dev, torch.bool)[:, None].expand(B, c.shape[1])], dim=1)
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, m + n]
+        control_mean = None
+        if control is not None and self.config.control_residual:
+            control_mean = control.mean(dim=1)  # [B, G]
+            if control_mask is not None:
+                control_mean = control_mean * control_mask.to(control_mean.dtype).unsqueeze(-1)
         for block in self.blocks:
             x, c = block(x, c, cond, attn_mask)  # [B, m, d], [B, n, d]
-        return self.final_layer(x, cond)  # [B, m, G]
+        return self.final_layer(x, cond, control_mean)  # [B, m, G]
 
     # ------------------------------------------------------------------ input checks
     def _check_inputs(self, x_t, self_cond, control, features, dose):

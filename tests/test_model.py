@@ -21,7 +21,8 @@ def test_fresh_model_has_zero_adaln_modulation(tiny_config):
     assert len(mods) == 2 * (2 * tiny_config.num_layers + 1)  # weight+bias per stream per block + final
     for name, p in mods:
         assert torch.count_nonzero(p) == 0, name
-    # and the other layers are not all zero
+    # the control residual starts switched off too; the other layers are not all zero
+    assert torch.count_nonzero(model.final_layer.control_gate) == 0
     assert torch.count_nonzero(model.x_embed.weight) > 0
 
 
@@ -103,3 +104,19 @@ def test_one_backward_pass_reaches_the_embeddings(tiny_model, tiny_config):
                  "covariate_embedder.features.fc1.weight", "final_layer.linear.weight"):
         grad = dict(tiny_model.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_control_residual_adds_the_gated_control_mean(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config)
+    linear_model = pd.PerturbDiffModel(pd.PerturbDiffConfig(**{**tiny_config.to_dict(), "output_activation": "none"}))
+    linear_model.load_state_dict(tiny_model.state_dict())
+    linear_model.eval()
+    with_gate = linear_model(**inputs)
+    with torch.no_grad():
+        gate = linear_model.final_layer.control_gate.clone()
+        linear_model.final_layer.control_gate.zero_()
+    without = linear_model(**inputs)
+    expected = (linear_model.final_layer.GATE_GAIN * gate * inputs["control"].mean(1)).unsqueeze(1)
+    torch.testing.assert_close(with_gate - without, expected.expand_as(without), rtol=1e-4, atol=1e-5)
+    off = pd.PerturbDiffModel(pd.PerturbDiffConfig.from_preset("debug", num_genes=12, control_residual=False))
+    assert off.final_layer.control_gate is None
