@@ -42,8 +42,9 @@ def make_bench(path: Path) -> Benchmark:
         if not path.is_file():
             raise SystemExit(f"{path} not found: pass --data PATH to PerturBench's devel.h5ad "
                              "(src/perturbench/data/resources/devel.h5ad in altoslabs/perturbench)")
-        import numpy as np
         import scipy.sparse as sp
+
+        from perturbdiff.data.builder import log1p_to_counts
 
         adata = ad.read_h5ad(path)
         # only the columns the benchmark uses (the file's dose is a string like "1+1")
@@ -53,9 +54,7 @@ def make_bench(path: Path) -> Benchmark:
         # that training, prediction and evaluation all normalise over the same 500 genes; the
         # log1p values as given are on another scale than the model's (the total is not the 500
         # genes' total).
-        X = np.expm1(adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float64))
-        unit = np.where(X > 0, X, np.inf).min(1, keepdims=True)
-        adata.X = sp.csr_matrix(np.rint(X / unit).astype(np.float32))
+        adata.X, _ = log1p_to_counts(sp.csr_matrix(adata.X))
         return adata
 
     return Benchmark(
