@@ -185,8 +185,7 @@ class EMA:
 
     def __init__(self, named_params, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone().cpu() if p.device.type == "cpu" else p.detach().float().clone()
-                       for n, p in named_params}
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params}
 
     @torch.no_grad()
     def update(self, named_params) -> None:
