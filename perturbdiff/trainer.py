@@ -62,6 +62,10 @@ class DataSection:
     # .h5ad inputs in `atlas` are built into OUTPUT/atlases/<name>.zarr first, with these
     # `build_atlas` arguments (perturbation_key, control_label, context_key, batch_key, dose_key, ...)
     columns: dict = field(default_factory=dict)
+    # conditional objective: also train on control groups as targets (perturbation = the control
+    # label, control set drawn from the same pool): the model sees every context's unperturbed
+    # population, including contexts whose perturbed cells are held out
+    include_control_sets: bool = False
 
 
 @dataclass
@@ -433,7 +437,8 @@ class Trainer:
                       gene_names=config.gene_names, perturbation_names=config.perturbation_names,
                       context_names=config.context_names, batch_names=config.batch_names,
                       mode=mode, held_out=spec, rank=self.rank, world_size=self.world_size)
-        train = CellSetDataset(atlases, split="train", seed=t.seed, drop_last=True, return_set_ids=True, **common)
+        train = CellSetDataset(atlases, split="train", seed=t.seed, drop_last=True, return_set_ids=True,
+                               include_control_sets=d.include_control_sets and mode == "conditional", **common)
         if len(train) == 0:
             raise ValueError(
                 f"the training split has {train.num_sets} sets: too few for {d.batch_size} sets per batch on "
@@ -863,6 +868,10 @@ def _flat_nested(d: dict, prefix: str = "", keep: tuple = ("overrides", "columns
     return out
 
 
+# config fields a finetuning run may change on its base model (behaviour, not shapes or weights)
+FINETUNE_OVERRIDES = {"context_conditioning"}
+
+
 def base_model_factory(cfg: TrainConfig):
     """``f(data_vocabulary) -> model``: the base export adapted to the data's genes and covariates.
 
@@ -876,6 +885,10 @@ def base_model_factory(cfg: TrainConfig):
         raise FileNotFoundError(f"base model {base_dir} has no config.json (expected a save_pretrained folder)")
     if cfg.model.new_genes not in ("add", "drop"):
         raise ValueError(f"model.new_genes must be 'add' or 'drop', got {cfg.model.new_genes!r}")
+    fixed = sorted(set(cfg.model.overrides) - FINETUNE_OVERRIDES)
+    if fixed:
+        raise ValueError(f"model.overrides {fixed} cannot change a base model (its sizes and weights are kept); "
+                         f"finetuning can override {sorted(FINETUNE_OVERRIDES)}")
 
     def factory(vocab: dict) -> PerturbDiffModel:
         base = PerturbDiffModel.from_pretrained(base_dir)
@@ -887,6 +900,8 @@ def base_model_factory(cfg: TrainConfig):
             context_names=extend_vocabulary(bc.context_names, vocab["context_names"]),
             batch_names=extend_vocabulary(bc.batch_names, vocab["batch_names"]), seed=cfg.train.seed,
         )
+        for key, value in cfg.model.overrides.items():
+            setattr(model.config, key, value)
         in_data = set(vocab["gene_names"])
         print(f"base model {base_dir}: genes {report['genes']['shared']} kept, {report['genes']['new']} added "
               f"({sum(g in in_data for g in bc.gene_names)} of the base's {bc.num_genes} genes are among the "

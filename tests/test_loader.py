@@ -284,3 +284,25 @@ def test_control_fallback_to_another_batch(tmp_path):
         else:
             assert list(ctx["batch"]) == [row["batch"]]
     assert sum(1 for _ in ds) == len(ds)
+
+
+def test_control_groups_as_targets_get_a_disjoint_control_set(atlas_path):
+    groups = Atlas(atlas_path).groups
+    plain = CellSetDataset(atlas_path, set_size=M, batch_size=B, seed=2)
+    ds = CellSetDataset(atlas_path, set_size=M, batch_size=B, seed=2, include_control_sets=True)
+    n_control = int(groups["is_control"].sum())
+    assert n_control > 0 and ds.num_sets > plain.num_sets
+    seen = 0
+    for k, batch in enumerate(ds):
+        for i, rows in enumerate(ds.batch_rows(k)):
+            row = groups.iloc[rows["group"]]
+            if not row["is_control"]:
+                continue
+            seen += 1
+            # the target is a control population: labelled with the control label's id ...
+            assert ds.perturbation_names[batch["perturbation"][i] - 1] == "control"
+            # ... and its control set is other cells of the same pool
+            assert ((rows["control"] >= row["start"]) & (rows["control"] < row["stop"])).all()
+            if row["stop"] - row["start"] >= 2 * M:
+                assert not set(rows["x0"].tolist()) & set(rows["control"].tolist())
+    assert seen >= n_control

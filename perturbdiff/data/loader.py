@@ -385,7 +385,13 @@ class CellSetDataset(IterableDataset):
             if conditional:
                 cands, probs = src.controls[int(g)]
                 cg = int(cands[0] if len(cands) == 1 else rng.choice(cands, p=probs))
-                plan["control"] = self._set_plan(src, cg, int(rng.integers(src.size[cg])), rng)
+                n = int(src.size[cg])
+                if cg == g and n >= 2 * m:
+                    # a control group as the target: its control set is a window disjoint from the target's
+                    pos = int(offset) + int(k) * m + m + int(rng.integers(n - 2 * m + 1))
+                else:
+                    pos = int(rng.integers(n))
+                plan["control"] = self._set_plan(src, cg, pos, rng)
             plans.append(plan)
         return plans
 
