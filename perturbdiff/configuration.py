@@ -55,7 +55,13 @@ class PerturbDiffConfig(PretrainedConfig):
         self_conditioning: the input carries a self-conditioning estimate (input width 2G).
         control_residual: add a learned per-gene gate times the control set's mean expression to
             the head's output (before its activation), so the network can predict the change from
-            the control population; the gate starts at 0, so a model starts without it.
+            the control population.
+        control_residual_init: the gate's initial value: 0 starts without the residual, 1 starts
+            from "the perturbed population's mean is the control mean" (the head then learns changes).
+        context_conditioning: read the context and batch ids. False: the model ignores them (they
+            act as null) and takes a population's identity from its control set alone; use it
+            for conditional models meant to predict contexts never seen perturbed (held-out cell
+            types), whose context embeddings would otherwise have had no training signal.
         normalization: dict of :class:`~perturbdiff.normalization.Normalization` fields.
         control_label: the perturbation name that marks control cells in the training data.
     """
@@ -81,6 +87,8 @@ class PerturbDiffConfig(PretrainedConfig):
         beta_schedule: str = "cosine",
         self_conditioning: bool = True,
         control_residual: bool = True,
+        control_residual_init: float = 0.0,
+        context_conditioning: bool = True,
         normalization: dict | None = None,
         control_label: str | None = "control",
         initializer_range: float = 0.02,
@@ -105,6 +113,8 @@ class PerturbDiffConfig(PretrainedConfig):
         self.beta_schedule = beta_schedule
         self.self_conditioning = self_conditioning
         self.control_residual = control_residual
+        self.control_residual_init = float(control_residual_init)
+        self.context_conditioning = bool(context_conditioning)
         self.normalization = Normalization.from_dict(normalization).to_dict()
         self.control_label = control_label
         self.initializer_range = initializer_range

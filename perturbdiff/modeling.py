@@ -208,7 +208,8 @@ class PerturbDiffPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.RMSNorm) and module.weight is not None:
             init.ones_(module.weight)
         elif isinstance(module, FinalLayer) and module.control_gate is not None:
-            init.zeros_(module.control_gate)  # the control residual starts switched off
+            # the control residual starts at config.control_residual_init (0: switched off)
+            init.constant_(module.control_gate, getattr(self.config, "control_residual_init", 0.0) / module.GATE_GAIN)
 
 
 class PerturbDiffModel(PerturbDiffPreTrainedModel):
@@ -264,6 +265,8 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         dev = x_t.device
         timestep = torch.as_tensor(timestep, device=dev).expand(B) if torch.as_tensor(timestep).ndim == 0 else timestep
         ids = [self._ids(name, v, B, dev) for name, v in (("perturbation", perturbation), ("context", context), ("batch", batch))]
+        if not getattr(self.config, "context_conditioning", True):  # identity from the control set only
+            ids[1], ids[2] = torch.zeros_like(ids[1]), torch.zeros_like(ids[2])
 
         cond = self.t_embedder(timestep) + self.covariate_embedder(
             *ids, dose=dose, features=perturbation_features, drop=drop_covariates

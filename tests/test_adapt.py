@@ -47,3 +47,19 @@ def test_adapted_model_keeps_what_the_base_knows(tiny_model, tiny_config):
 def test_adapt_refuses_disjoint_genes(tiny_model):
     with pytest.raises(ValueError, match="shares no gene"):
         adapt_model(tiny_model, gene_names=["X1", "X2"])
+
+
+def test_finetuning_overrides_behaviour_but_not_sizes(tiny_model, tiny_config, tmp_path):
+    from perturbdiff.trainer import TrainConfig, base_model_factory
+
+    tiny_model.save_pretrained(tmp_path / "base")
+    vocab = {"gene_names": tiny_config.gene_names, "perturbation_names": ["control", "IL6"],
+             "context_names": ["B cell"], "batch_names": []}
+    cfg = TrainConfig()
+    cfg.model.base = str(tmp_path / "base")
+    cfg.model.overrides = {"context_conditioning": False}
+    model = base_model_factory(cfg)(vocab)
+    assert model.config.context_conditioning is False and model.config.num_layers == tiny_config.num_layers
+    cfg.model.overrides = {"num_layers": 4, "context_conditioning": False}
+    with pytest.raises(ValueError, match=r"\['num_layers'\] cannot change a base model"):
+        base_model_factory(cfg)

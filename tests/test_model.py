@@ -120,3 +120,23 @@ def test_control_residual_adds_the_gated_control_mean(tiny_model, tiny_config):
     torch.testing.assert_close(with_gate - without, expected.expand_as(without), rtol=1e-4, atol=1e-5)
     off = pd.PerturbDiffModel(pd.PerturbDiffConfig.from_preset("debug", num_genes=12, control_residual=False))
     assert off.final_layer.control_gate is None
+
+
+def test_control_residual_init_sets_the_starting_gate(tiny_config):
+    model = pd.PerturbDiffModel(pd.PerturbDiffConfig(**{**tiny_config.to_dict(), "control_residual_init": 1.0}))
+    gate = model.final_layer.GATE_GAIN * model.final_layer.control_gate
+    torch.testing.assert_close(gate, torch.ones_like(gate))
+
+
+def test_context_conditioning_off_ignores_context_and_batch_ids(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config)
+    other = dict(inputs, context=(inputs["context"] + 1) % 3, batch=(inputs["batch"] + 1) % 3)
+    assert not torch.allclose(tiny_model(**other), tiny_model(**inputs))  # on (the default): ids matter
+    config = pd.PerturbDiffConfig(**{**tiny_config.to_dict(), "context_conditioning": False})
+    blind = pd.PerturbDiffModel(config).eval()
+    blind.load_state_dict(tiny_model.state_dict())
+    out = blind(**inputs)
+    torch.testing.assert_close(blind(**other), out, rtol=0, atol=0)
+    # ... while the perturbation and the control set still condition it
+    assert not torch.allclose(blind(**dict(inputs, perturbation=(inputs["perturbation"] + 1) % 4)), out)
+    assert not torch.allclose(blind(**dict(inputs, control=inputs["control"] * 2)), out)
