@@ -56,8 +56,9 @@ class PerturbDiffConfig(PretrainedConfig):
         control_residual: add a learned per-gene gate times the control set's mean expression to
             the head's output (before its activation), so the network can predict the change from
             the control population.
-        control_residual_init: the gate's initial value: 0 starts without the residual, 1 starts
-            from "the perturbed population's mean is the control mean" (the head then learns changes).
+        control_residual_init: the gate's initial value: 1 (default) starts from "the perturbed
+            population's mean is the control mean" (the head then learns the change); 0 starts
+            without the residual.
         context_conditioning: read the context and batch ids. False: the model ignores them (they
             act as null) and takes a population's identity from its control set alone; use it
             for conditional models meant to predict contexts never seen perturbed (held-out cell
@@ -87,7 +88,7 @@ class PerturbDiffConfig(PretrainedConfig):
         beta_schedule: str = "cosine",
         self_conditioning: bool = True,
         control_residual: bool = True,
-        control_residual_init: float = 0.0,
+        control_residual_init: float = 1.0,
         context_conditioning: bool = True,
         normalization: dict | None = None,
         control_label: str | None = "control",

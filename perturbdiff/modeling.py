@@ -208,8 +208,8 @@ class PerturbDiffPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.RMSNorm) and module.weight is not None:
             init.ones_(module.weight)
         elif isinstance(module, FinalLayer) and module.control_gate is not None:
-            # the control residual starts at config.control_residual_init (0: switched off)
-            init.constant_(module.control_gate, getattr(self.config, "control_residual_init", 0.0) / module.GATE_GAIN)
+            # the control residual starts at config.control_residual_init (1: the control mean; 0: off)
+            init.constant_(module.control_gate, self.config.control_residual_init / module.GATE_GAIN)
 
 
 class PerturbDiffModel(PerturbDiffPreTrainedModel):

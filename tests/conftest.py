@@ -26,7 +26,7 @@ def tiny_model(tiny_config):
         for name, p in model.named_parameters():
             if "adaLN_modulation" in name:
                 p.normal_(0, 0.05)
-            if "control_gate" in name:  # the control residual, off (zero) in a fresh model
+            if "control_gate" in name:  # the control residual, the same for every gene in a fresh model
                 p.normal_(0, 0.02)
     return model
 

@@ -21,8 +21,9 @@ def test_fresh_model_has_zero_adaln_modulation(tiny_config):
     assert len(mods) == 2 * (2 * tiny_config.num_layers + 1)  # weight+bias per stream per block + final
     for name, p in mods:
         assert torch.count_nonzero(p) == 0, name
-    # the control residual starts switched off too; the other layers are not all zero
-    assert torch.count_nonzero(model.final_layer.control_gate) == 0
+    # the control residual starts at one (the control mean); the other layers are not all zero
+    gate = model.final_layer.GATE_GAIN * model.final_layer.control_gate
+    torch.testing.assert_close(gate, torch.ones_like(gate))
     assert torch.count_nonzero(model.x_embed.weight) > 0
 
 
@@ -123,9 +124,8 @@ def test_control_residual_adds_the_gated_control_mean(tiny_model, tiny_config):
 
 
 def test_control_residual_init_sets_the_starting_gate(tiny_config):
-    model = pd.PerturbDiffModel(pd.PerturbDiffConfig(**{**tiny_config.to_dict(), "control_residual_init": 1.0}))
-    gate = model.final_layer.GATE_GAIN * model.final_layer.control_gate
-    torch.testing.assert_close(gate, torch.ones_like(gate))
+    model = pd.PerturbDiffModel(pd.PerturbDiffConfig(**{**tiny_config.to_dict(), "control_residual_init": 0.0}))
+    assert torch.count_nonzero(model.final_layer.control_gate) == 0
 
 
 def test_context_conditioning_off_ignores_context_and_batch_ids(tiny_model, tiny_config):
