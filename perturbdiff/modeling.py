@@ -265,8 +265,8 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         dev = x_t.device
         timestep = torch.as_tensor(timestep, device=dev).expand(B) if torch.as_tensor(timestep).ndim == 0 else timestep
         ids = [self._ids(name, v, B, dev) for name, v in (("perturbation", perturbation), ("context", context), ("batch", batch))]
-        if not getattr(self.config, "context_conditioning", True):  # identity from the control set only
-            ids[1], ids[2] = torch.zeros_like(ids[1]), torch.zeros_like(ids[2])
+        if not self.config.context_conditioning:  # context and batch act as null: identity from the control set
+            ids[1:] = [torch.full_like(i, NULL_ID) for i in ids[1:]]
 
         cond = self.t_embedder(timestep) + self.covariate_embedder(
             *ids, dose=dose, features=perturbation_features, drop=drop_covariates

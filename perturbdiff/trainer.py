@@ -438,7 +438,7 @@ class Trainer:
                       context_names=config.context_names, batch_names=config.batch_names,
                       mode=mode, held_out=spec, rank=self.rank, world_size=self.world_size)
         train = CellSetDataset(atlases, split="train", seed=t.seed, drop_last=True, return_set_ids=True,
-                               include_control_sets=d.include_control_sets and mode == "conditional", **common)
+                               include_control_sets=d.include_control_sets, **common)
         if len(train) == 0:
             raise ValueError(
                 f"the training split has {train.num_sets} sets: too few for {d.batch_size} sets per batch on "
