@@ -306,3 +306,20 @@ def test_control_groups_as_targets_get_a_disjoint_control_set(atlas_path):
             if row["stop"] - row["start"] >= 2 * M:
                 assert not set(rows["x0"].tolist()) & set(rows["control"].tolist())
     assert seen >= n_control
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_sparse_batches_densify_to_the_dense_batches(atlas_path, two_atlases, num_workers):
+    from perturbdiff.data.loader import SparseSets, densify
+
+    for atlases, mode in ((atlas_path, "conditional"), (list(two_atlases), "marginal")):  # identity and mapped genes
+        kw = dict(set_size=M, batch_size=B, mode=mode, seed=3)
+        dense_batches = _batches(CellSetDataset(atlases, **kw))
+        sparse_batches = _batches(CellSetDataset(atlases, sparse=True, **kw), **({"num_workers": num_workers} if num_workers else {}))
+        assert len(sparse_batches) == len(dense_batches) > 0
+        for s, d in zip(sparse_batches, dense_batches):
+            assert isinstance(s["x0"], SparseSets) and s["x0"].shape == tuple(d["x0"].shape)
+            assert s["x0"].values.numel() < d["x0"].numel()  # sparse: only the non-zeros travel
+            assert (s["x0"].values != 0).float().mean() > 0.5
+            assert ("control" in s) == ("control" in d) == (mode == "conditional")
+            assert _same(densify(s), d)

@@ -106,6 +106,18 @@ def test_resumed_run_continues_with_identical_losses(env, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
 
 
+def test_sparse_batches_train_exactly_like_dense_ones(env, tmp_path):
+    # sparse batches (the default on a GPU) are densified on the device: the run is the dense run
+    quick = ("train.max_steps=3", "train.val_every=0", "train.save_every=0")
+    launch(env, tmp_path / "dense", "data.sparse_batches=false", *quick)
+    launch(env, tmp_path / "sparse", "data.sparse_batches=true", *quick)
+    a, b = metrics(tmp_path / "dense"), metrics(tmp_path / "sparse")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(a[s]["loss"] == b[s]["loss"] for s in a), (a, b)
+    proc = launch(env, tmp_path / "bad", "data.sparse_batches=often", *quick, check=False)
+    assert proc.returncode != 0 and "data.sparse_batches must be true, false or 'auto'" in proc.stderr
+
+
 def test_bad_input_fails_early_with_clear_errors(env, tmp_path):
     proc = launch(env, tmp_path / "a", "--atlas", str(tmp_path / "missing.zarr"), check=False)
     assert proc.returncode != 0 and "missing.zarr does not exist" in proc.stderr

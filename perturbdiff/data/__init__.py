@@ -28,6 +28,8 @@ _EXPORTS = {
     "GROUP_KEYS": "store",
     "CellSetDataset": "loader",
     "CellSetLoader": "loader",
+    "SparseSets": "loader",
+    "densify": "loader",
     "gene_vocabulary": "vocab",
     "gene_presence": "vocab",
     "atlas_vocabularies": "vocab",

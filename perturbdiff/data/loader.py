@@ -30,6 +30,7 @@ no set repeats.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,6 +44,58 @@ from .vocab import atlas_vocabularies, gene_vocabulary
 __all__ = ["CellSetDataset", "CellSetLoader"]
 
 _MODES = ("conditional", "marginal")
+
+
+@dataclass
+class SparseSets:
+    """A batch of B sets of m cells over G genes as one CSR matrix of B * m rows (``sparse=True``).
+
+    ``indptr`` int64 [B * m + 1], ``indices`` int32 [nnz] (gene columns), ``values`` float32 [nnz]
+    (normalised expression), ``shape`` (B, m, G). DataLoader workers and ``pin_memory`` pass it
+    through; `to` moves it and `to_dense` gives the [B, m, G] tensor on its device.
+    """
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple
+
+    @classmethod
+    def from_numpy(cls, indptr, indices, values, shape) -> "SparseSets":
+        return cls(torch.from_numpy(np.ascontiguousarray(indptr, dtype=np.int64)),
+                   torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int32)),
+                   torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), tuple(int(s) for s in shape))
+
+    def pin_memory(self, device=None) -> "SparseSets":
+        return SparseSets(self.indptr.pin_memory(), self.indices.pin_memory(), self.values.pin_memory(), self.shape)
+
+    def to(self, device, non_blocking: bool = False) -> "SparseSets":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return SparseSets(move(self.indptr), move(self.indices), move(self.values), self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense [B, m, G] float32 tensor, built on this object's device."""
+        B, m, G = self.shape
+        dev = self.values.device
+        rows = torch.repeat_interleave(torch.arange(B * m, device=dev), torch.diff(self.indptr),
+                                       output_size=self.values.numel())  # output_size: no device sync
+        out = torch.zeros(B * m * G, dtype=self.values.dtype, device=dev)
+        out[rows * G + self.indices.to(torch.int64)] = self.values
+        return out.view(B, m, G)
+
+
+def densify(batch: dict, device=None, non_blocking: bool = False) -> dict:
+    """A loader batch with every `SparseSets` made dense (and every tensor moved to ``device``)."""
+    out = {}
+    for key, value in batch.items():
+        if device is not None and isinstance(value, (torch.Tensor, SparseSets)):
+            value = value.to(device, non_blocking=non_blocking)
+        out[key] = value.to_dense() if isinstance(value, SparseSets) else value
+    return out
 
 
 def _take_rows(indptr, indices, data, rows):
@@ -98,6 +151,10 @@ class CellSetDataset(IterableDataset):
         drop_last: drop the epoch's tail instead of padding it (see module docstring).
         sets_per_epoch: epoch size in sets (default: the natural number of sets).
         return_set_ids: add ``"set_id"`` (int64 [B], the set's position in the epoch) to batches.
+        sparse: yield ``x0`` and ``control`` as normalised CSR (a `SparseSets`: ``indptr``,
+            ``indices``, ``values`` tensors and the dense ``shape``) instead of dense tensors; `densify`
+            turns them dense on the training device. At ~20% non-zeros this skips the loader's
+            largest cost (writing [B, m, G] float32) and moves ~2.5x fewer bytes to the GPU.
 
     Batches are dicts of tensors: ``x0`` float32 [B, m, G] (normalised target set), ``control`` float32
     [B, m, G] (conditional mode only), ``perturbation``, ``context``, ``batch`` int64 [B] (ids, 0 =
@@ -127,6 +184,7 @@ class CellSetDataset(IterableDataset):
         drop_last: bool = False,
         sets_per_epoch: int | None = None,
         return_set_ids: bool = False,
+        sparse: bool = False,
     ):
         super().__init__()
         if mode not in _MODES:
@@ -149,6 +207,7 @@ class CellSetDataset(IterableDataset):
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.drop_last = drop_last
         self.return_set_ids = return_set_ids
+        self.sparse = bool(sparse)
         self.held_out = as_split_spec(held_out)
 
         # vocabularies
@@ -429,11 +488,18 @@ class CellSetDataset(IterableDataset):
         conditional = self.mode == "conditional"
         if conditional:
             sets += [(self._read_set(p["source"], p["control"]), p["source"]) for p in plans]
-        dense = self._densify(sets)
         B = len(items)
-        batch = {"x0": torch.from_numpy(dense[: B * m].reshape(B, m, G))}
-        if conditional:
-            batch["control"] = torch.from_numpy(dense[B * m :].reshape(B, m, G))
+        if self.sparse:
+            indptr, cols, values = self._normalise(sets)
+            split = int(indptr[B * m])
+            batch = {"x0": SparseSets.from_numpy(indptr[: B * m + 1], cols[:split], values[:split], (B, m, G))}
+            if conditional:
+                batch["control"] = SparseSets.from_numpy(indptr[B * m :] - split, cols[split:], values[split:], (B, m, G))
+        else:
+            dense = self._densify(sets)
+            batch = {"x0": torch.from_numpy(dense[: B * m].reshape(B, m, G))}
+            if conditional:
+                batch["control"] = torch.from_numpy(dense[B * m :].reshape(B, m, G))
         meta = [(p["source"], p["group"]) for p in plans]
         for key in ("perturbation", "context", "batch"):
             batch[key] = torch.tensor([src.ids[key][g] for src, g in meta], dtype=torch.int64)
@@ -447,7 +513,15 @@ class CellSetDataset(IterableDataset):
         """Normalise CSR sets and scatter them into a dense [sets * m, G] float32 array."""
         import scipy.sparse as sp
 
-        m, G, norm = self.set_size, self.num_genes, self.normalization
+        indptr, cols, values = self._normalise(sets)
+        n_rows = len(indptr) - 1
+        assert n_rows == len(sets) * self.set_size
+        # scipy's CSR-to-dense writes row by row: faster than a flat scatter
+        return sp.csr_matrix((values, cols, indptr), shape=(n_rows, self.num_genes)).toarray()
+
+    def _normalise(self, sets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sets' rows as one normalised CSR in the gene vocabulary: indptr int64, cols int32, values float32."""
+        norm = self.normalization
         mapped = []
         for (ip, ix, d), src in sets:
             cols = ix if src.gene_map is None else src.gene_map[ix]
@@ -472,10 +546,7 @@ class CellSetDataset(IterableDataset):
             keep = cols >= 0  # genes outside the vocabulary
             kept = np.concatenate([[0], np.cumsum(keep)])
             indptr, cols, values = kept[indptr], cols[keep], values[keep]
-        # scipy's CSR-to-dense writes row by row: faster than a flat scatter
-        out = sp.csr_matrix((values, cols.astype(np.int32, copy=False), indptr), shape=(n_rows, G)).toarray()
-        assert n_rows == len(sets) * m
-        return out
+        return indptr, cols.astype(np.int32, copy=False), values
 
     # -- iteration ---------------------------------------------------------------------------------
 
