@@ -91,6 +91,7 @@ class TrainSection:
     self_cond_prob: float = 0.5
     mmd_weight: float = 1.0
     mse_weight: float = 1.0
+    gene_scale_augment: float = 0.0  # see Objective: per-gene factors shared by a set and its controls
     max_steps: int = 200
     ema_decay: float = 0.999  # 0 disables the EMA (the export then uses the live weights)
     seed: int = 0
@@ -131,6 +132,7 @@ class TrainConfig:
             self_cond_prob=t.self_cond_prob,
             mmd_weight=t.mmd_weight,
             mse_weight=t.mse_weight,
+            gene_scale_augment=t.gene_scale_augment,
         )
 
 

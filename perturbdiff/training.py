@@ -20,7 +20,7 @@ import torch
 from .diffusion import GaussianDiffusion
 from .losses import set_loss
 
-__all__ = ["Objective", "MARGINAL", "CONDITIONAL", "training_step", "sample_sets"]
+__all__ = ["Objective", "MARGINAL", "CONDITIONAL", "training_step", "sample_sets", "scale_genes"]
 
 _COND_KEYS = ("perturbation", "context", "batch", "dose", "perturbation_features")
 
@@ -35,6 +35,11 @@ class Objective:
         control_drop_prob: probability per set of hiding its control stream.
         self_cond_prob: probability per step of a no-grad self-conditioning pass.
         mmd_weight, mse_weight: weights of the energy-distance and MSE terms.
+        gene_scale_augment: sigma of a per-set, per-gene factor exp(sigma * z), z ~ N(0, 1), that
+            multiplies the perturbed set and its control set alike (0 = off). A population whose
+            control cells express a gene more must then express it more after the perturbation
+            too, whatever its context label: the model learns to carry the population's identity
+            over from the control set, which is what a cell type never seen in training needs.
     """
 
     use_control: bool = True
@@ -43,11 +48,14 @@ class Objective:
     self_cond_prob: float = 0.5
     mmd_weight: float = 1.0
     mse_weight: float = 1.0
+    gene_scale_augment: float = 0.0
 
     def __post_init__(self):
         for name in ("cond_drop_prob", "control_drop_prob", "self_cond_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.gene_scale_augment < 0:
+            raise ValueError(f"gene_scale_augment must be >= 0, got {self.gene_scale_augment}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +79,15 @@ def _uniform(n: int, generator, device) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=gen_device).to(device)
 
 
+def scale_genes(x0, control, sigma: float, generator: torch.Generator | None = None):
+    """Multiply gene g of set b by exp(sigma * z[b, g]), z ~ N(0, 1), in the set and its control set alike."""
+    B, G = x0.shape[0], x0.shape[-1]
+    gen_device = generator.device if generator is not None else x0.device
+    z = torch.randn((B, 1, G), generator=generator, device=gen_device, dtype=torch.float32)
+    factor = torch.exp(sigma * z).to(x0.device, x0.dtype)
+    return x0 * factor, (control * factor if control is not None else None)
+
+
 def training_step(
     model,
     diffusion: GaussianDiffusion,
@@ -91,14 +108,17 @@ def training_step(
     B, device = x0.shape[0], x0.device
     t = diffusion.sample_timesteps(B, generator, device)
     gen_device = generator.device if generator is not None else device
+    control = batch.get("control")
+    if objective.gene_scale_augment > 0:
+        x0, control = scale_genes(x0, control, objective.gene_scale_augment, generator)
     noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, x0.dtype)
     x_t = diffusion.add_noise(x0, noise, t)
 
     cond = {k: batch[k] for k in _COND_KEYS if batch.get(k) is not None}
     if objective.use_control:
-        if batch.get("control") is None:
+        if control is None:
             raise ValueError("the conditional objective needs a 'control' set in the batch")
-        cond["control"] = batch["control"]
+        cond["control"] = control
         if objective.control_drop_prob > 0:
             cond["control_mask"] = _uniform(B, generator, device) >= objective.control_drop_prob
     if objective.cond_drop_prob > 0:

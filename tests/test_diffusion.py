@@ -113,3 +113,26 @@ def test_training_step_is_reproducible_and_objectives_differ(tiny_config):
         pd.training_step(model, diff, {"x0": batch["x0"]}, pd.CONDITIONAL)
     with pytest.raises(ValueError, match="cond_drop_prob"):
         pd.Objective(cond_drop_prob=1.5)
+
+
+def test_gene_scale_augment_scales_a_set_and_its_controls_alike(tiny_config):
+    from perturbdiff.training import scale_genes
+
+    x0, control = torch.rand(4, 6, 9) + 0.1, torch.rand(4, 6, 9) + 0.1
+    a, c = scale_genes(x0, control, 0.5, torch.Generator().manual_seed(0))
+    fa, fc = a / x0, c / control
+    torch.testing.assert_close(fa, fc)  # the set and its control set get the same factor
+    torch.testing.assert_close(fa, fa[:, :1].expand_as(fa))  # one factor per gene for every cell of a set
+    assert not torch.allclose(fa[0], fa[1]) and not torch.allclose(fa[0, 0, :1], fa[0, 0, 1:2])
+    assert scale_genes(x0, None, 0.5)[1] is None  # marginal sets have no control set
+
+    torch.manual_seed(0)
+    model = pd.PerturbDiffModel(tiny_config)
+    diff = pd.GaussianDiffusion.from_config(tiny_config)
+    inputs = make_inputs(tiny_config, B=4, m=5)
+    batch = {"x0": inputs["self_cond"], "control": inputs["control"]}
+    run = lambda obj: pd.training_step(model, diff, batch, obj, generator=torch.Generator().manual_seed(0))["loss"].item()  # noqa: E731
+    augmented = pd.Objective(gene_scale_augment=0.5)
+    assert run(augmented) == run(augmented) != run(pd.CONDITIONAL)
+    with pytest.raises(ValueError, match="gene_scale_augment"):
+        pd.Objective(gene_scale_augment=-0.1)
