@@ -13,9 +13,11 @@ What it measures (each in a fresh child process, so every peak RSS is that step'
   peak RSS, beside the size of the input's X in memory;
 - the loader (conditional sets of m=256 with their control sets, normalised dense tensors out,
   one process, no workers) on both atlases: cells/s counting x0 and control cells, and peak RSS;
-  also with 2 DataLoader workers, and (``--lz4``) on a 1M atlas built with ``--codec lz4``;
+  also with normalised CSR out (``sparse=True``, what the trainer streams to a GPU), with 2
+  DataLoader workers, and (unless ``--no-lz4``) on a 1M atlas built with ``--codec lz4``;
 - the reference way: the *same* sets (the loader's exact cells, via ``batch_rows``) read from the
-  backed ``.h5ad`` through anndata (``adata[rows].X``), densified and normalised; on the
+  backed ``.h5ad`` through anndata (``adata[rows].X``), densified and normalised (or, beside the
+  loader's sparse runs, normalised and left sparse); on the
   uncompressed input and, unless ``--no-gzip``, on a gzip-compressed copy (how h5ad files are often
   shipped); and, unless ``--no-grouped``, on a copy whose cells come in runs of 256 of one group (as
   files concatenated from wells or samples are; a different file, so it gets its own atlas and
@@ -79,7 +81,7 @@ def child_build(a):
 def _dataset(a):
     from perturbdiff.data.loader import CellSetDataset
 
-    return CellSetDataset(a.atlas, set_size=a.set_size, batch_size=a.batch_size, seed=0)
+    return CellSetDataset(a.atlas, set_size=a.set_size, batch_size=a.batch_size, seed=0, sparse=a.sparse)
 
 
 def child_loader(a):
@@ -103,6 +105,7 @@ def child_loader(a):
         "ms_per_batch": dt / a.batches * 1e3,
         "batches": a.batches,
         "workers": a.workers,
+        "output": "sparse CSR" if a.sparse else "dense",
         "peak_rss_mb": _rss_mb(),
         "rss_after_import_mb": base,
         "num_sets_per_epoch": ds.num_sets,
@@ -113,6 +116,7 @@ def child_reference(a):
     import anndata as ad
     import numpy as np
     import pandas as pd
+    import scipy.sparse as sp
     import torch
 
     from perturbdiff.data.store import Atlas
@@ -134,13 +138,26 @@ def child_reference(a):
                 rows = to_h5[s[key]]
                 uniq, inverse = np.unique(rows, return_inverse=True)  # backed indexing wants sorted, unique rows
                 x = adata[uniq].X
+                if a.sparse:
+                    blocks.append(x[inverse])
+                    continue
                 x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
                 blocks.append(x[inverse])
+            if a.sparse:  # normalised CSR out, as the loader's sparse=True (no dense [B, m, G] write)
+                x = sp.vstack(blocks, format="csr")
+                lens = np.diff(x.indptr)
+                totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+                scale = np.divide(norm.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+                values = np.log1p(x.data.astype(np.float32) * np.repeat(scale.astype(np.float32), lens)) / norm.scale
+                out[key] = (torch.from_numpy(x.indptr.astype(np.int64)), torch.from_numpy(x.indices), torch.from_numpy(values))
+                n_cells += x.shape[0]
+                continue
             out[key] = normalize_counts(torch.from_numpy(np.stack(blocks)), norm)
             n_cells += out[key].shape[0] * out[key].shape[1]
     dt = time.time() - t
     return {"cells_per_s": n_cells / dt, "sets_per_s": a.batches * a.batch_size / dt, "ms_per_batch": dt / a.batches * 1e3,
-            "batches": a.batches, "h5ad": str(a.h5ad), "peak_rss_mb": _rss_mb()}
+            "batches": a.batches, "h5ad": str(a.h5ad), "output": "sparse CSR" if a.sparse else "dense",
+            "peak_rss_mb": _rss_mb()}
 
 
 CHILDREN = {"generate": child_generate, "build": child_build, "loader": child_loader, "reference": child_reference}
@@ -152,6 +169,8 @@ def run_child(step: str, **kw) -> dict:
         flag = "--" + k.replace("_", "-")
         if isinstance(v, (list, tuple)):
             args += [flag, *map(str, v)]
+        elif isinstance(v, bool):
+            args += [flag] if v else []
         elif v is not None:
             args += [flag, str(v)]
     proc = subprocess.run(args, capture_output=True, text=True)
@@ -176,7 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-gzip", action="store_true", help="skip the gzip-compressed h5ad reference")
     p.add_argument("--no-grouped", action="store_true", help="skip the reference on an h5ad in runs of 256 cells per group")
     p.add_argument("--run-cells", type=int, default=1, help="cells per run of one group in the input h5ad (1: interleaved)")
-    p.add_argument("--lz4", action="store_true", help="also build the 1M atlas with --codec lz4 and time its loader")
+    p.add_argument("--no-lz4", action="store_true", help="skip the 1M atlas built with --codec lz4")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument("--reuse", action="store_true", help="reuse input .h5ad files already in --workdir (from --keep)")
     # child-process arguments
@@ -189,6 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--h5ad")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sparse", action="store_true", help="child: normalised CSR out instead of dense")
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
@@ -204,7 +224,8 @@ def main(argv=None) -> int:
                     "load_average_at_start": os.getloadavg()},
         "config": {"cells": a.cells, "genes": a.genes, "big_cells": a.cells * a.big_copies, "set_size": a.set_size,
                    "batch_size": a.batch_size, "input_run_cells": a.run_cells,
-                   "cells_per_s_counts": "x0 + control cells, normalised dense float32 out"},
+                   "cells_per_s_counts": "x0 + control cells, normalised float32 out: dense [B, m, G], "
+                                         "or CSR where the entry says sparse (both sides alike)"},
     }
     try:
         if a.reuse and h5.exists():
@@ -234,16 +255,21 @@ def main(argv=None) -> int:
         out["loader_1m"] = run_child("loader", atlas=atlas1, batches=a.batches, **common)
         _log("loader on the big atlas")
         out["loader_4m"] = run_child("loader", atlas=atlas4, batches=a.batches, **common)
-        if a.lz4:
+        _log("loader with sparse output on the 1M atlas")
+        out["loader_1m_sparse"] = run_child("loader", atlas=atlas1, batches=a.batches, sparse=True, **common)
+        if not a.no_lz4:
             _log("lz4 variant of the 1M atlas")
             lz4 = work / "atlas_1m_lz4.zarr"
             out["build_1m_lz4"] = run_child("build", inputs=[h5], output=lz4, codec="lz4")
             out["loader_1m_lz4"] = run_child("loader", atlas=lz4, batches=a.batches, **common)
+            out["loader_1m_lz4_sparse"] = run_child("loader", atlas=lz4, batches=a.batches, sparse=True, **common)
             shutil.rmtree(lz4, ignore_errors=True)
         _log("loader with 2 DataLoader workers")
         out["loader_1m_2workers"] = run_child("loader", atlas=atlas1, batches=a.batches, workers=2, **common)
         _log("reference: the same sets from the backed h5ad through anndata")
         out["reference_h5ad"] = run_child("reference", atlas=atlas1, h5ad=h5, batches=a.reference_batches, **common)
+        out["reference_h5ad_sparse"] = run_child("reference", atlas=atlas1, h5ad=h5, batches=a.reference_batches,
+                                                 sparse=True, **common)
         if not a.no_gzip:
             gz = work / "input_gzip.h5ad"
             if not (a.reuse and gz.exists()):
@@ -261,20 +287,27 @@ def main(argv=None) -> int:
             _log("building the grouped input's atlas; loader and reference on it")
             out["build_1m_grouped"] = run_child("build", inputs=[grouped], output=atlas_g)
             out["loader_1m_grouped"] = run_child("loader", atlas=atlas_g, batches=a.batches, **common)
+            out["loader_1m_grouped_sparse"] = run_child("loader", atlas=atlas_g, batches=a.batches, sparse=True, **common)
             out["reference_h5ad_grouped"] = run_child("reference", atlas=atlas_g, h5ad=grouped,
                                                       batches=a.reference_batches, **common)
+            out["reference_h5ad_grouped_sparse"] = run_child("reference", atlas=atlas_g, h5ad=grouped,
+                                                             batches=a.reference_batches, sparse=True, **common)
         loader = out["loader_1m"]["cells_per_s"]
         out["speedup_vs_h5ad"] = loader / out["reference_h5ad"]["cells_per_s"]
         if "reference_h5ad_gzip" in out:
             out["speedup_vs_h5ad_gzip"] = loader / out["reference_h5ad_gzip"]["cells_per_s"]
+        out["speedup_vs_h5ad_sparse"] = out["loader_1m_sparse"]["cells_per_s"] / out["reference_h5ad_sparse"]["cells_per_s"]
         if "reference_h5ad_grouped" in out:
             out["speedup_vs_h5ad_grouped"] = (out["loader_1m_grouped"]["cells_per_s"]
                                               / out["reference_h5ad_grouped"]["cells_per_s"])
+            out["speedup_vs_h5ad_grouped_sparse"] = (out["loader_1m_grouped_sparse"]["cells_per_s"]
+                                                     / out["reference_h5ad_grouped_sparse"]["cells_per_s"])
         out["targets"] = {
             "loader_50k_cells_per_s": loader >= 50_000,
             "speedup_20x_vs_backed_h5ad_uncompressed": out["speedup_vs_h5ad"] >= 20,
             "speedup_20x_vs_backed_h5ad_gzip": out.get("speedup_vs_h5ad_gzip", 0) >= 20,
             "speedup_20x_vs_backed_h5ad_grouped_runs": out.get("speedup_vs_h5ad_grouped", 0) >= 20,
+            "speedup_20x_vs_backed_h5ad_grouped_runs_sparse_out": out.get("speedup_vs_h5ad_grouped_sparse", 0) >= 20,
             "loader_rss_growth_1m_to_big_mb": out["loader_4m"]["peak_rss_mb"] - out["loader_1m"]["peak_rss_mb"],
             "builder_peak_rss_under_2gib": max(out["build_1m"]["peak_rss_mb"], out["build_4m"]["peak_rss_mb"]) < 2048,
             "builder_input_larger_than_2gib": out["build_1m"]["input_x_bytes"] > 2 * 2**30,
