@@ -250,6 +250,7 @@ class PerturbDiffPipeline:
         num_steps: int = 100,
         guidance_scale: float = 0.0,
         eta: float = 0.0,
+        strength: float = 1.0,
         seed: int = 0,
         batch_sets: int = 8,
         progress: bool = True,
@@ -278,6 +279,9 @@ class PerturbDiffPipeline:
             set_size: cells per set m (the last set is padded by resampling, then trimmed).
             num_populations: K independent populations per condition (``obs["population"]``).
             num_steps, guidance_scale, eta: DDIM sampling settings.
+            strength: 1 (default) samples from pure noise; below 1 each predicted cell starts from
+                a control cell noised to that fraction of the diffusion (SDEdit), keeping more of
+                the controls' identity (see docs/predict_evaluate.md).
             seed: sampling seed; each condition's draws depend only on the seed and the
                 condition, not on the other rows of the table.
             batch_sets: sets per forward pass.
@@ -291,7 +295,8 @@ class PerturbDiffPipeline:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if cells_per_condition is not None and int(cells_per_condition) < 1:
             raise ValueError(f"cells_per_condition must be >= 1, got {cells_per_condition}")
-        self.diffusion.timesteps(num_steps)  # validates num_steps before any work
+        self.diffusion.timesteps(num_steps)  # validates num_steps and strength before any work
+        self.diffusion.start_step(strength)
 
         conds = self._resolve_conditions(conditions, perturbation, context, batch, dose)
         ids, features = self._encode_conditions(conds, perturbation_features)
@@ -314,6 +319,7 @@ class PerturbDiffPipeline:
                 pool["X"], members[i], condition_rngs(seed, tuple(cond)), n_cells=n_cells, set_size=m,
                 num_populations=K, batch_sets=int(batch_sets), ids={k: v[i] for k, v in ids.items()},
                 features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+                strength=strength,
             ).reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
             if ceiling is not None:  # no cell can exceed "all its counts in one gene"
                 num_clipped += int((values > ceiling).sum())
@@ -345,6 +351,7 @@ class PerturbDiffPipeline:
             "note": f"X = model output x {norm.scale:g} (the model works in this space / {norm.scale:g})",
             "model": self.source,
             "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "eta": float(eta),
+            "strength": float(strength),
             "seed": int(seed), "set_size": int(set_size), "num_populations": K,
             "cells_per_condition": int(cells_per_condition) if cells_per_condition else 0,
             "input_space": info["input_space"], "input_target_sum": info["input_target_sum"],
@@ -356,7 +363,7 @@ class PerturbDiffPipeline:
         return ad.AnnData(X=X, obs=obs, var=var, uns=uns)
 
     def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
-                          features, num_steps, eta, guidance_scale) -> np.ndarray:
+                          features, num_steps, eta, guidance_scale, strength=1.0) -> np.ndarray:
         """K populations of ``n_cells`` predicted cells [K, n_cells, G] (model space) for one condition."""
         rng, gen = rngs
         m, K, G = set_size, num_populations, pool_X.shape[1]
@@ -371,7 +378,7 @@ class PerturbDiffPipeline:
                 perturbation=ids["perturbation"].expand(b), context=ids["context"].expand(b),
                 batch=ids["batch"].expand(b), dose=None if ids["dose"] is None else ids["dose"].expand(b),
                 perturbation_features=None if features is None else features.expand(b, -1),
-                num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, generator=gen,
+                num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, generator=gen, strength=strength,
             )  # [b, m, G]
             preds.append(pred.float().cpu())
         return torch.cat(preds).view(K, n_sets * m, G)[:, :n_cells].numpy()  # padding trimmed
@@ -688,6 +695,8 @@ def add_parser(sub) -> None:
     s.add_argument("--num-populations", type=int, default=1)
     s.add_argument("--steps", type=int, default=100, help="DDIM steps")
     s.add_argument("--guidance-scale", type=float, default=0.0)
+    s.add_argument("--strength", type=float, default=1.0,
+                   help="1: sample from pure noise; <1: start each cell from a noised control cell (SDEdit)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic given the seed)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-sets", type=int, default=8, help="sets per forward pass")
@@ -719,7 +728,7 @@ def _run(args) -> int:
         gene_key=args.gene_key, layer=args.layer, input_space=args.input_space,
         allow_missing_genes=args.allow_missing_genes, cells_per_condition=args.cells_per_condition,
         set_size=args.set_size, num_populations=args.num_populations, num_steps=args.steps,
-        guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, batch_sets=args.batch_sets,
+        guidance_scale=args.guidance_scale, eta=args.eta, strength=args.strength, seed=args.seed, batch_sets=args.batch_sets,
         progress=not args.no_progress,
     )
     write_h5ad_atomic(pred, args.out)

@@ -155,13 +155,19 @@ def sample_sets(
     guidance_scale: float = 0.0,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Generate predicted perturbed sets [B, m, G] given control sets and covariate ids.
 
     With ``control`` given, B and m come from it (one generated set per control set); without it,
     pass ``num_sets`` and ``num_cells``. The unconditional pass of guidance drops the covariates
     and keeps the control stream (the control population is the input, not a label).
+    ``strength`` < 1 starts each generated cell from its control cell noised to that fraction of
+    the diffusion (SDEdit) instead of from pure noise: the population keeps more of its controls'
+    identity, the perturbation's change is applied by the remaining steps.
     """
+    if strength < 1.0 and control is None:
+        raise ValueError("strength < 1 starts from the control cells: pass control sets")
     model_was_training = model.training
     model.eval()
     diffusion = diffusion or GaussianDiffusion.from_config(model.config)
@@ -200,7 +206,7 @@ def sample_sets(
         return diffusion.sample(
             denoise, shape, num_steps=num_steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
             self_conditioning=model.config.self_conditioning, generator=generator, device=device, dtype=dtype,
-            progress=progress,
+            progress=progress, init=control, strength=strength,
         )
     finally:
         model.train(model_was_training)

@@ -136,3 +136,33 @@ def test_gene_scale_augment_scales_a_set_and_its_controls_alike(tiny_config):
     assert run(augmented) == run(augmented) != run(pd.CONDITIONAL)
     with pytest.raises(ValueError, match="gene_scale_augment"):
         pd.Objective(gene_scale_augment=-0.1)
+
+
+def test_strength_starts_from_the_noised_init_sets():
+    diff = pd.GaussianDiffusion(1000, "cosine")
+    init = torch.rand(2, 16, 32) * 3
+    seen = []
+
+    def denoise(x_t, t, self_cond, guided):
+        seen.append((int(t[0]), x_t.clone()))
+        return init  # an exact denoiser for these sets
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+    out = diff.sample(denoise, tuple(init.shape), num_steps=10, init=init, strength=0.5,
+                      generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, init)
+    assert [t for t, _ in seen] == diff.timesteps(10, start=500) and seen[0][0] == 500 == diff.start_step(0.5)
+    ab = diff._abar(torch.tensor([500]), init).flatten()[0]
+    assert abs(seen[0][1].mean() - ab.sqrt() * init.mean()) < 0.1  # x_500 = sqrt(abar) init + noise
+    assert corr(seen[0][1], init) > 0.5
+    seen.clear()
+    diff.sample(denoise, tuple(init.shape), num_steps=10, generator=torch.Generator().manual_seed(0))
+    assert seen[0][0] == 999 and abs(corr(seen[0][1], init)) < 0.1  # strength 1: pure noise
+    with pytest.raises(ValueError, match="strength must be in"):
+        diff.start_step(0.0)
+    with pytest.raises(ValueError, match="needs init sets"):
+        diff.sample(denoise, tuple(init.shape), num_steps=5, strength=0.5)
+    with pytest.raises(ValueError, match="pass control sets"):
+        pd.sample_sets(torch.nn.Linear(1, 1), num_sets=1, num_cells=2, strength=0.5)

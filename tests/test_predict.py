@@ -122,6 +122,16 @@ def test_output_is_model_output_times_scale(pipe):
     np.testing.assert_allclose(out.X, np.minimum(expected, ceiling), rtol=1e-4, atol=1e-4)
 
 
+def test_strength_below_one_starts_from_the_control_cells(pipe):
+    control = make_control(n_per_group=8, sparse=False)
+    kw = dict(perturbation="TNF", context="monocyte", set_size=8, seed=1)
+    full, half = predict(pipe, control, **kw), predict(pipe, control, strength=0.5, **kw)
+    assert full.uns["perturbdiff"]["strength"] == 1.0 and half.uns["perturbdiff"]["strength"] == 0.5
+    assert half.shape == full.shape and not np.allclose(half.X, full.X)
+    with pytest.raises(ValueError, match="strength must be in"):
+        predict(pipe, control, strength=1.5, **kw)
+
+
 def test_seed_determinism_and_condition_independence(pipe):
     control = make_control()
     a = predict(pipe, control, perturbation=["IFNB", "TNF"], context="T cell", seed=3)
