@@ -138,10 +138,8 @@ def child_reference(a):
                 rows = to_h5[s[key]]
                 uniq, inverse = np.unique(rows, return_inverse=True)  # backed indexing wants sorted, unique rows
                 x = adata[uniq].X
-                if a.sparse:
-                    blocks.append(x[inverse])
-                    continue
-                x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+                if not a.sparse:
+                    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
                 blocks.append(x[inverse])
             if a.sparse:  # normalised CSR out, as the loader's sparse=True (no dense [B, m, G] write)
                 x = sp.vstack(blocks, format="csr")

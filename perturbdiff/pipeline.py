@@ -363,7 +363,7 @@ class PerturbDiffPipeline:
         return ad.AnnData(X=X, obs=obs, var=var, uns=uns)
 
     def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
-                          features, num_steps, eta, guidance_scale, strength=1.0) -> np.ndarray:
+                          features, num_steps, eta, guidance_scale, strength) -> np.ndarray:
         """K populations of ``n_cells`` predicted cells [K, n_cells, G] (model space) for one condition."""
         rng, gen = rngs
         m, K, G = set_size, num_populations, pool_X.shape[1]

@@ -73,10 +73,6 @@ class SparseSets:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return SparseSets(move(self.indptr), move(self.indices), move(self.values), self.shape)
 
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
     def to_dense(self) -> torch.Tensor:
         """The dense [B, m, G] float32 tensor, built on this object's device."""
         B, m, G = self.shape
