@@ -1,0 +1,45 @@
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from kang_decompose import decompose  # noqa: E402
+
+
+def _screen(rng, genes=40, cells=60):
+    profiles = {c: rng.uniform(0, 3, genes) for c in ("T", "DC", "NK")}
+    responses = {c: rng.normal(0, 1, genes) for c in profiles}
+    blocks, obs = [], []
+    for c, prof in profiles.items():
+        for p, shift in (("ctrl", 0.0), ("stim", responses[c])):
+            blocks.append(np.clip(prof + shift + rng.normal(0, 0.1, (cells, genes)), 0, 10))
+            obs += [(p, c)] * cells
+    obs = pd.DataFrame(obs, columns=["condition", "cell_type"], index=[f"c{i}" for i in range(len(obs))])
+    screen = ad.AnnData(np.concatenate(blocks).astype(np.float32), obs=obs)
+    screen.var_names = [f"g{i}" for i in range(genes)]
+    return screen
+
+
+def _pred(screen, source):
+    cells = screen[(screen.obs.cell_type == source) & (screen.obs.condition == "stim")]
+    pred = ad.AnnData(cells.X.copy(), obs=pd.DataFrame({"context": "NK"}, index=[f"p{i}" for i in range(cells.n_obs)]))
+    pred.var_names = screen.var_names
+    return pred
+
+
+@pytest.mark.parametrize("source, real, on_t", [("NK", 1.0, 0.0), ("T", 0.0, 1.0)])
+def test_decompose_attributes_a_prediction_to_the_profile_it_copies(source, real, on_t):
+    """Predicting NK's real stimulated cells puts all weight on the real shift; predicting T's
+    stimulated cells for NK (identity lost) puts it on T."""
+    screen = _screen(np.random.default_rng(0))
+    out = decompose(_pred(screen, source), screen, ["NK"], perturbation_key="condition", context_key="cell_type",
+                    control_label="ctrl", top=3)["NK"]
+    assert out["coef_real_shift"] == pytest.approx(real, abs=0.05)
+    assert out["coef_stimulated_training_type"]["T"] == pytest.approx(on_t, abs=0.05)
+    assert abs(out["coef_stimulated_training_type"]["DC"]) < 0.05
+    assert (out["pearson_delta"] > 0.99) == (source == "NK")
+    assert len(out["largest_errors"]) == 3
