@@ -9,8 +9,9 @@ mean shift from that type's control mean is regressed (least squares, over genes
 so a coefficient of 1 on the real shift and 0 elsewhere is a perfect prediction, and a large
 coefficient on a training type u means the model generated *stimulated u cells* from the held-out
 type's controls (the held-out type's identity is lost). Also printed: the correlation of the
-predicted shift with the real one (pearson_delta), the additive shift's, and the genes with the
-largest error.
+predicted shift with the real one (pearson_delta), the additive shift's (from means here, so it
+differs a little from cell-eval's, which scores the shifted control cells clipped at zero), and the
+genes with the largest error.
 
     python benchmarks/kang_decompose.py runs/kang_holdout/pred_scratch.h5ad [more predictions...]
 
