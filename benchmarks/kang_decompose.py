@@ -31,34 +31,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kang_holdout import BENCH  # noqa: E402
 
 
-def decompose(pred, screen, heldout, *, perturbation_key: str = BENCH.perturbation_key,
-              context_key: str = BENCH.context_key, control_label: str = BENCH.control_label, top: int = 10) -> dict:
+def context_means(screen, genes, *, perturbation_key: str = BENCH.perturbation_key,
+                  context_key: str = BENCH.context_key, control_label: str = BENCH.control_label) -> dict:
+    """Each context's control mean and stimulated mean (over its non-control cells), log1p, in
+    ``genes`` order: ``{"control": {context: [G]}, "stimulated": {context: [G]}}``."""
+    from perturbdiff.evaluation import _log1p_matrix
+
+    X = _log1p_matrix(screen, genes, 1e4, "screen")
+    ctx = screen.obs[context_key].astype(str).to_numpy()
+    is_control = screen.obs[perturbation_key].astype(str).to_numpy() == control_label
+    means = {"control": {}, "stimulated": {}}
+    for c in dict.fromkeys(ctx):
+        for kind, rows in (("control", is_control), ("stimulated", ~is_control)):
+            means[kind][c] = np.asarray(X[(ctx == c) & rows].mean(0)).ravel()
+    return means
+
+
+def decompose(pred, means: dict, heldout, top: int = 10) -> dict:
     """Per held-out context: pearson_delta, the regression coefficients and the worst genes.
 
-    ``pred``: predicted cells (obs "context"; counts or log1p), ``screen``: the whole screen.
+    ``pred``: predicted cells (obs "context"; counts or log1p); ``means``: `context_means` of the
+    screen in ``pred``'s gene order.
     """
     from perturbdiff.evaluation import _log1p_matrix
 
     genes = np.asarray(pred.var_names.astype(str))
-    X = _log1p_matrix(screen, genes, 1e4, "screen")
     Xp = _log1p_matrix(pred, genes, 1e4, "prediction")
-    ctx = screen.obs[context_key].astype(str).to_numpy()
-    pert = screen.obs[perturbation_key].astype(str).to_numpy()
     p_ctx = pred.obs["context"].astype(str).to_numpy()
-
-    def mean(c, p):
-        rows = (ctx == c) & (pert == p)
-        return np.asarray(X[rows].mean(0)).ravel()
-
-    train_types = [c for c in dict.fromkeys(ctx) if c not in heldout]
-    stim = [p for p in dict.fromkeys(pert) if p != control_label]
-    additive = np.mean([mean(u, s) - mean(u, control_label) for u in train_types for s in stim], 0)
+    ctrl_mean, stim_mean = means["control"], means["stimulated"]
+    train_types = [c for c in ctrl_mean if c not in heldout]
+    additive = np.mean([stim_mean[u] - ctrl_mean[u] for u in train_types], 0)
     out = {}
     for c in heldout:
-        ctrl = mean(c, control_label)
-        real = np.mean([mean(c, s) for s in stim], 0) - ctrl
+        ctrl = ctrl_mean[c]
+        real = stim_mean[c] - ctrl
         predicted = np.asarray(Xp[p_ctx == c].mean(0)).ravel() - ctrl
-        A = np.stack([real] + [np.mean([mean(u, s) for s in stim], 0) - ctrl for u in train_types], 1)
+        A = np.stack([real] + [stim_mean[u] - ctrl for u in train_types], 1)
         coef, *_ = np.linalg.lstsq(A, predicted, rcond=None)
         residual = predicted - A @ coef
         err = predicted - real
@@ -86,8 +94,13 @@ def main(argv=None):
     import anndata as ad
 
     screen = BENCH.load()
+    cache = {}  # the screen's means, per gene order (one normalisation for all predictions over the same genes)
     for path in args.predictions:
-        result = {"prediction": path, "conditions": decompose(ad.read_h5ad(path), screen, args.heldout_contexts, top=args.top)}
+        pred = ad.read_h5ad(path)
+        genes = tuple(pred.var_names.astype(str))
+        if genes not in cache:
+            cache[genes] = context_means(screen, np.asarray(genes))
+        result = {"prediction": path, "conditions": decompose(pred, cache[genes], args.heldout_contexts, top=args.top)}
         print(json.dumps(result, indent=2), flush=True)
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from kang_decompose import decompose  # noqa: E402
+from kang_decompose import context_means, decompose  # noqa: E402
 
 
 def _screen(rng, genes=40, cells=60):
@@ -36,8 +36,10 @@ def test_decompose_attributes_a_prediction_to_the_profile_it_copies(source, real
     """Predicting NK's real stimulated cells puts all weight on the real shift; predicting T's
     stimulated cells for NK (identity lost) puts it on T."""
     screen = _screen(np.random.default_rng(0))
-    out = decompose(_pred(screen, source), screen, ["NK"], perturbation_key="condition", context_key="cell_type",
-                    control_label="ctrl", top=3)["NK"]
+    pred = _pred(screen, source)
+    means = context_means(screen, pred.var_names.to_numpy(), perturbation_key="condition", context_key="cell_type",
+                          control_label="ctrl")
+    out = decompose(pred, means, ["NK"], top=3)["NK"]
     assert out["coef_real_shift"] == pytest.approx(real, abs=0.05)
     assert out["coef_stimulated_training_type"]["T"] == pytest.approx(on_t, abs=0.05)
     assert abs(out["coef_stimulated_training_type"]["DC"]) < 0.05
