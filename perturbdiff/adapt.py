@@ -37,6 +37,7 @@ def adapt_model(
     perturbation_names: Sequence[str] | None = None,
     context_names: Sequence[str] | None = None,
     batch_names: Sequence[str] | None = None,
+    overrides: dict | None = None,
     seed: int = 0,
 ) -> tuple[PerturbDiffModel, dict]:
     """A new model with the given vocabularies, carrying over everything the base knows.
@@ -46,6 +47,8 @@ def adapt_model(
         gene_names: the new gene vocabulary (any order; ``None`` keeps the base's).
         perturbation_names, context_names, batch_names: new covariate vocabularies; ``None`` keeps the
             base's. Use :func:`extend_vocabulary` to keep every base name and id.
+        overrides: config fields to change that keep the base's sizes (e.g. ``context_conditioning``,
+            ``paired_control``: a module it adds starts freshly initialised, one it removes is dropped).
         seed: seed of the initialisation of new rows.
     Returns:
         the adapted model and a report: shared / new / dropped counts per vocabulary.
@@ -62,7 +65,7 @@ def adapt_model(
     cfg_dict = bc.to_dict()
     for key in ("num_genes", "model_type", "transformers_version", "architectures"):
         cfg_dict.pop(key, None)
-    config = PerturbDiffConfig(**{**cfg_dict, **vocab})
+    config = PerturbDiffConfig(**{**cfg_dict, **(overrides or {}), **vocab})
     torch.manual_seed(seed)
     model = PerturbDiffModel(config)
     model.to(next(base.parameters()).dtype)
@@ -94,6 +97,9 @@ def adapt_model(
     for h in range(halves):
         new_sd["x_embed.weight"][:, dst + h * G_new] = old_sd["x_embed.weight"][:, src + h * G_old]
     new_sd["c_embed.weight"][:, dst] = old_sd["c_embed.weight"][:, src]
+    if "pair_embed.weight" in old_sd and "pair_embed.weight" in new_sd:
+        new_sd["pair_embed.weight"][:, dst] = old_sd["pair_embed.weight"][:, src]
+        handled.add("pair_embed.weight")
     new_sd["final_layer.linear.weight"][dst] = old_sd["final_layer.linear.weight"][src]
     new_sd["final_layer.linear.bias"][dst] = old_sd["final_layer.linear.bias"][src]
     handled |= {"x_embed.weight", "c_embed.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
@@ -103,7 +109,7 @@ def adapt_model(
     report["genes"] = _counts(old_genes, config.gene_names or old_genes)
 
     for key, value in old_sd.items():  # everything else has the same shape
-        if key in handled:
+        if key in handled or key not in new_sd:  # not in new_sd: a module the new config turns off
             continue
         if new_sd[key].shape != value.shape:
             raise ValueError(f"cannot carry over {key}: base {tuple(value.shape)}, new {tuple(new_sd[key].shape)}")

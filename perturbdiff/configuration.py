@@ -63,6 +63,12 @@ class PerturbDiffConfig(PretrainedConfig):
             act as null) and takes a population's identity from its control set alone; use it
             for conditional models meant to predict contexts never seen perturbed (held-out cell
             types), whose context embeddings would otherwise have had no training signal.
+        paired_control: pair each generated cell with one control cell (cell i of the control set
+            given to ``forward``): its token reads that cell, and the control residual adds that
+            cell instead of the set's mean, so the network predicts each cell's change from its
+            own control. Training pairs a perturbed set's cells with its control set's cells by
+            optimal transport. A population keeps its own identity cell by cell, which is what a
+            cell type never seen perturbed needs.
         normalization: dict of :class:`~perturbdiff.normalization.Normalization` fields.
         control_label: the perturbation name that marks control cells in the training data.
     """
@@ -90,6 +96,7 @@ class PerturbDiffConfig(PretrainedConfig):
         control_residual: bool = True,
         control_residual_init: float = 1.0,
         context_conditioning: bool = True,
+        paired_control: bool = False,
         normalization: dict | None = None,
         control_label: str | None = "control",
         initializer_range: float = 0.02,
@@ -116,6 +123,7 @@ class PerturbDiffConfig(PretrainedConfig):
         self.control_residual = control_residual
         self.control_residual_init = float(control_residual_init)
         self.context_conditioning = bool(context_conditioning)
+        self.paired_control = bool(paired_control)
         self.normalization = Normalization.from_dict(normalization).to_dict()
         self.control_label = control_label
         self.initializer_range = initializer_range

@@ -157,7 +157,7 @@ class JointBlock(nn.Module):
 
 # --------------------------------------------------------------------------- final layer
 class FinalLayer(nn.Module):
-    """adaLN, then Linear(d -> G) (+ gated control-set mean), then a non-negative activation."""
+    """adaLN, then Linear(d -> G) (+ gated control-set mean or paired control cell), then a non-negative activation."""
 
     # The gate is stored divided by this gain: Adam moves a parameter by about the learning rate
     # per step, and the gate has to travel O(1) within a short finetuning run.
@@ -171,13 +171,20 @@ class FinalLayer(nn.Module):
         self.control_gate = nn.Parameter(torch.zeros(num_genes)) if control_residual else None
         self.activation = activation
 
-    def forward(self, x, cond, control_mean=None):
+    def forward(self, x, cond, control_residual=None):
+        """``control_residual``: the control mean [B, G] or each cell's paired control cell [B, m, G]."""
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)  # [B, d] each
         out = self.linear(modulate(self.norm(x), shift, scale))  # [B, m, G]
-        if control_mean is not None and self.control_gate is not None:
-            out = out + (self.GATE_GAIN * self.control_gate * control_mean).unsqueeze(1)  # + [B, 1, G]
+        if control_residual is not None and self.control_gate is not None:
+            if control_residual.ndim == 2:
+                control_residual = control_residual.unsqueeze(1)  # the mean, [B, 1, G]
+            out = out + self.GATE_GAIN * self.control_gate * control_residual
         if self.activation == "relu":
-            return F.relu(out)
+            # relu's value with the identity's gradient (straight-through): a gene whose output went
+            # negative for every cell still gets pulled back up where the target is positive,
+            # instead of dying (the loss's gradient is taken at the clamped value, so a target of 0
+            # does not push a negative output anywhere and exact zeros stay possible)
+            return out + (F.relu(out) - out).detach()
         if self.activation == "softplus":
             return F.softplus(out)
         return out
@@ -225,6 +232,8 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         in_width = 2 * G if config.self_conditioning else G
         self.x_embed = nn.Linear(in_width, d)
         self.c_embed = nn.Linear(G, d)
+        # paired_control: token i of the x-stream also reads control cell i
+        self.pair_embed = nn.Linear(G, d) if config.paired_control else None
         self.t_embedder = TimestepEmbedder(d)
         self.covariate_embedder = CovariateEmbedder(config)
         self.blocks = nn.ModuleList(
@@ -276,20 +285,26 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             x = self.x_embed(torch.cat([x_t, self_cond], dim=-1))  # [B, m, d]
         else:
             x = self.x_embed(x_t)  # [B, m, d]
+        if self.pair_embed is not None and control is not None:
+            paired = control
+            if control_mask is not None:
+                paired = control * control_mask.to(control.dtype)[:, None, None]
+            x = x + self.pair_embed(paired)  # [B, m, d]: each token reads its own control cell
         c = self.c_embed(control) if control is not None else None  # [B, m, d] or None
         attn_mask = None
         if c is not None and control_mask is not None:
             keys = torch.cat([torch.ones(B, m, dtype=torch.bool, device=dev),
                               control_mask.to(dev, torch.bool)[:, None].expand(B, c.shape[1])], dim=1)
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, m + n]
-        control_mean = None
+        residual = None
         if control is not None and self.config.control_residual:
-            control_mean = control.mean(dim=1)  # [B, G]
+            # the set's mean [B, G], or with paired_control each cell's own control cell [B, m, G]
+            residual = control if self.config.paired_control else control.mean(dim=1)
             if control_mask is not None:
-                control_mean = control_mean * control_mask.to(control_mean.dtype).unsqueeze(-1)
+                residual = residual * control_mask.to(residual.dtype).view(B, *[1] * (residual.ndim - 1))
         for block in self.blocks:
             x, c = block(x, c, cond, attn_mask)  # [B, m, d], [B, n, d]
-        return self.final_layer(x, cond, control_mean)  # [B, m, G]
+        return self.final_layer(x, cond, residual)  # [B, m, G]
 
     # ------------------------------------------------------------------ input checks
     def _check_inputs(self, x_t, self_cond, control, features, dose):

@@ -882,7 +882,7 @@ def _flat_nested(d: dict, prefix: str = "", keep: tuple = ("overrides", "columns
 
 
 # config fields a finetuning run may change on its base model (behaviour, not shapes or weights)
-FINETUNE_OVERRIDES = {"context_conditioning"}
+FINETUNE_OVERRIDES = {"context_conditioning", "paired_control"}
 
 
 def base_model_factory(cfg: TrainConfig):
@@ -911,10 +911,9 @@ def base_model_factory(cfg: TrainConfig):
             base, gene_names=genes,
             perturbation_names=extend_vocabulary(bc.perturbation_names, vocab["perturbation_names"]),
             context_names=extend_vocabulary(bc.context_names, vocab["context_names"]),
-            batch_names=extend_vocabulary(bc.batch_names, vocab["batch_names"]), seed=cfg.train.seed,
+            batch_names=extend_vocabulary(bc.batch_names, vocab["batch_names"]),
+            overrides=cfg.model.overrides, seed=cfg.train.seed,
         )
-        for key, value in cfg.model.overrides.items():
-            setattr(model.config, key, value)
         in_data = set(vocab["gene_names"])
         print(f"base model {base_dir}: genes {report['genes']['shared']} kept, {report['genes']['new']} added "
               f"({sum(g in in_data for g in bc.gene_names)} of the base's {bc.num_genes} genes are among the "

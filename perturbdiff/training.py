@@ -20,7 +20,7 @@ import torch
 from .diffusion import GaussianDiffusion
 from .losses import set_loss
 
-__all__ = ["Objective", "MARGINAL", "CONDITIONAL", "training_step", "sample_sets", "scale_genes"]
+__all__ = ["Objective", "MARGINAL", "CONDITIONAL", "training_step", "sample_sets", "scale_genes", "pair_cells"]
 
 _COND_KEYS = ("perturbation", "context", "batch", "dose", "perturbation_features")
 
@@ -88,6 +88,22 @@ def scale_genes(x0, control, sigma: float, generator: torch.Generator | None = N
     return x0 * factor, (control * factor if control is not None else None)
 
 
+@torch.no_grad()
+def pair_cells(x0: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """The control sets reordered so that control cell i of each set is matched to perturbed cell i.
+
+    The matching is the optimal transport plan between the two sets (equal sizes, uniform weights,
+    squared Euclidean cost), which for equal sets is an assignment: each perturbed cell is paired
+    with the control cell it is closest to as a whole, so the pairs differ mostly by the
+    perturbation's change and not by which cells were drawn.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x0.detach().float(), control.detach().float()).pow(2).cpu().numpy()  # [B, m, m]
+    order = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost]).to(control.device)
+    return torch.gather(control, 1, order.unsqueeze(-1).expand_as(control))
+
+
 def training_step(
     model,
     diffusion: GaussianDiffusion,
@@ -118,6 +134,8 @@ def training_step(
     if objective.use_control:
         if control is None:
             raise ValueError("the conditional objective needs a 'control' set in the batch")
+        if _config(model).paired_control:
+            control = pair_cells(x0, control)
         cond["control"] = control
         if objective.control_drop_prob > 0:
             cond["control_mask"] = _uniform(B, generator, device) >= objective.control_drop_prob

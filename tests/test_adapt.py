@@ -63,3 +63,24 @@ def test_finetuning_overrides_behaviour_but_not_sizes(tiny_model, tiny_config, t
     cfg.model.overrides = {"num_layers": 4, "context_conditioning": False}
     with pytest.raises(ValueError, match=r"\['num_layers'\] cannot change a base model"):
         base_model_factory(cfg)
+
+
+def test_finetuning_can_switch_paired_control_on_and_keeps_it(tiny_model, tiny_config, tmp_path):
+    from perturbdiff.trainer import TrainConfig, base_model_factory
+
+    tiny_model.save_pretrained(tmp_path / "base")
+    vocab = {"gene_names": tiny_config.gene_names, "perturbation_names": ["control"],
+             "context_names": [], "batch_names": []}
+    cfg = TrainConfig()
+    cfg.model.base = str(tmp_path / "base")
+    cfg.model.overrides = {"paired_control": True}
+    model = base_model_factory(cfg)(vocab)
+    assert model.config.paired_control and model.pair_embed is not None  # a new module, freshly initialised
+    torch.testing.assert_close(model.x_embed.weight, tiny_model.x_embed.weight)  # the rest is carried over
+    # a paired model's pair_embed columns follow their genes into a new gene order
+    model.save_pretrained(tmp_path / "paired")
+    reordered, _ = adapt_model(model, gene_names=list(reversed(tiny_config.gene_names)))
+    torch.testing.assert_close(reordered.pair_embed.weight, model.pair_embed.weight.flip(1))
+    # ... and switching it off again drops the module
+    cfg.model.base, cfg.model.overrides = str(tmp_path / "paired"), {"paired_control": False}
+    assert base_model_factory(cfg)(vocab).pair_embed is None

@@ -166,3 +166,22 @@ def test_strength_starts_from_the_noised_init_sets():
         diff.sample(denoise, tuple(init.shape), num_steps=5, strength=0.5)
     with pytest.raises(ValueError, match="pass control sets"):
         pd.sample_sets(torch.nn.Linear(1, 1), num_sets=1, num_cells=2, strength=0.5)
+
+
+def test_pair_cells_matches_each_perturbed_cell_to_its_optimal_control_cell():
+    from itertools import permutations
+
+    from perturbdiff.training import pair_cells
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 5, 8, generator=g)
+    shifted = x0 + 0.05 * torch.randn(2, 5, 8, generator=g)  # each cell's control is itself, nearly
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    paired = pair_cells(x0, shifted[:, perm])
+    torch.testing.assert_close(paired, shifted)  # the shuffle is undone
+    control = torch.rand(2, 5, 8, generator=g)  # unrelated sets: no assignment costs less
+    paired = pair_cells(x0, control)
+    cost = lambda c: float((x0[0] - c).pow(2).sum())  # noqa: E731
+    best = min(cost(control[0][list(p)]) for p in permutations(range(5)))
+    assert abs(cost(paired[0]) - best) < 1e-5
+    assert sorted(paired[1].sum(-1).tolist()) == pytest.approx(sorted(control[1].sum(-1).tolist()))  # a reordering

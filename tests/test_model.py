@@ -42,7 +42,9 @@ def test_save_and_load_give_identical_outputs(tiny_model, tiny_config, tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), pd.PerturbDiffConfig)
 
 
-def test_equivariant_to_cell_order_and_invariant_to_control_order(tiny_model, tiny_config):
+def test_unpaired_model_is_equivariant_to_cell_order_and_invariant_to_control_order(tiny_config):
+    # (a paired model's cell i goes with control cell i: see test_paired_control_...)
+    tiny_model = pd.PerturbDiffModel(pd.PerturbDiffConfig(**{**tiny_config.to_dict(), "paired_control": False})).eval()
     inputs = make_inputs(tiny_config, m=9)
     out = tiny_model(**inputs)
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
@@ -107,11 +109,10 @@ def test_one_backward_pass_reaches_the_embeddings(tiny_model, tiny_config):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
-def test_control_residual_adds_the_gated_control_mean(tiny_model, tiny_config):
+def test_unpaired_control_residual_adds_the_gated_control_mean(tiny_config):
     inputs = make_inputs(tiny_config)
-    linear_model = pd.PerturbDiffModel(pd.PerturbDiffConfig(**{**tiny_config.to_dict(), "output_activation": "none"}))
-    linear_model.load_state_dict(tiny_model.state_dict())
-    linear_model.eval()
+    linear_model = pd.PerturbDiffModel(pd.PerturbDiffConfig(
+        **{**tiny_config.to_dict(), "output_activation": "none", "paired_control": False})).eval()
     with_gate = linear_model(**inputs)
     with torch.no_grad():
         gate = linear_model.final_layer.control_gate.clone()
@@ -140,3 +141,31 @@ def test_context_conditioning_off_ignores_context_and_batch_ids(tiny_model, tiny
     # ... while the perturbation and the control set still condition it
     assert not torch.allclose(blind(**dict(inputs, perturbation=(inputs["perturbation"] + 1) % 4)), out)
     assert not torch.allclose(blind(**dict(inputs, control=inputs["control"] * 2)), out)
+
+
+def test_paired_control_adds_each_cells_own_control_cell(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config, m=9)
+    config = pd.PerturbDiffConfig(**{**tiny_config.to_dict(), "paired_control": True, "output_activation": "none"})
+    paired = pd.PerturbDiffModel(config).eval()
+    with_gate = paired(**inputs)
+    with torch.no_grad():
+        gate = paired.final_layer.control_gate.clone()
+        paired.final_layer.control_gate.zero_()
+    without = paired(**inputs)
+    # the residual is cell i's own control cell (gate 1 at the start), not the set's mean
+    torch.testing.assert_close(with_gate - without, paired.final_layer.GATE_GAIN * gate * inputs["control"],
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(paired.final_layer.GATE_GAIN * gate, torch.ones_like(gate))
+    # permuting the cells and their control cells together permutes the output; permuting the
+    # control cells alone changes which cell each generated cell is paired with
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
+    both = dict(inputs, x_t=inputs["x_t"][:, perm], self_cond=inputs["self_cond"][:, perm], control=inputs["control"][:, perm])
+    torch.testing.assert_close(paired(**both), without[:, perm], rtol=1e-5, atol=1e-5)
+    alone = dict(inputs, control=inputs["control"][:, perm])
+    assert not torch.allclose(paired(**alone), without, atol=1e-4)
+    # a hidden control stream hides the paired cell too: the output no longer depends on it
+    hide = torch.tensor([False, True, True])
+    a = paired(**dict(inputs, control_mask=hide))
+    b = paired(**dict(inputs, control_mask=hide, control=inputs["control"] * 3))
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[1:], b[1:])
