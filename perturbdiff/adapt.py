@@ -96,13 +96,13 @@ def adapt_model(
     halves = 2 if bc.self_conditioning else 1
     for h in range(halves):
         new_sd["x_embed.weight"][:, dst + h * G_new] = old_sd["x_embed.weight"][:, src + h * G_old]
-    new_sd["c_embed.weight"][:, dst] = old_sd["c_embed.weight"][:, src]
-    if "pair_embed.weight" in old_sd and "pair_embed.weight" in new_sd:
-        new_sd["pair_embed.weight"][:, dst] = old_sd["pair_embed.weight"][:, src]
-        handled.add("pair_embed.weight")
+    for key in ("c_embed.weight", "pair_embed.weight"):  # control-cell inputs (pair_embed: paired models)
+        if key in old_sd and key in new_sd:
+            new_sd[key][:, dst] = old_sd[key][:, src]
+            handled.add(key)
     new_sd["final_layer.linear.weight"][dst] = old_sd["final_layer.linear.weight"][src]
     new_sd["final_layer.linear.bias"][dst] = old_sd["final_layer.linear.bias"][src]
-    handled |= {"x_embed.weight", "c_embed.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
+    handled |= {"x_embed.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
     if "final_layer.control_gate" in old_sd and "final_layer.control_gate" in new_sd:
         new_sd["final_layer.control_gate"][dst] = old_sd["final_layer.control_gate"][src]
         handled.add("final_layer.control_gate")

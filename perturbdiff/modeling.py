@@ -172,12 +172,10 @@ class FinalLayer(nn.Module):
         self.activation = activation
 
     def forward(self, x, cond, control_residual=None):
-        """``control_residual``: the control mean [B, G] or each cell's paired control cell [B, m, G]."""
+        """``control_residual``: the control mean [B, 1, G] or each cell's paired control cell [B, m, G]."""
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)  # [B, d] each
         out = self.linear(modulate(self.norm(x), shift, scale))  # [B, m, G]
         if control_residual is not None and self.control_gate is not None:
-            if control_residual.ndim == 2:
-                control_residual = control_residual.unsqueeze(1)  # the mean, [B, 1, G]
             out = out + self.GATE_GAIN * self.control_gate * control_residual
         if self.activation == "relu":
             # relu's value with the identity's gradient (straight-through): a gene whose output went
@@ -285,11 +283,11 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             x = self.x_embed(torch.cat([x_t, self_cond], dim=-1))  # [B, m, d]
         else:
             x = self.x_embed(x_t)  # [B, m, d]
+        visible = control  # the control cells the head and the paired tokens may read: hidden sets are zero
+        if control is not None and control_mask is not None:
+            visible = control * control_mask.to(control.dtype)[:, None, None]
         if self.pair_embed is not None and control is not None:
-            paired = control
-            if control_mask is not None:
-                paired = control * control_mask.to(control.dtype)[:, None, None]
-            x = x + self.pair_embed(paired)  # [B, m, d]: each token reads its own control cell
+            x = x + self.pair_embed(visible)  # [B, m, d]: each token reads its own control cell
         c = self.c_embed(control) if control is not None else None  # [B, m, d] or None
         attn_mask = None
         if c is not None and control_mask is not None:
@@ -298,10 +296,8 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, m + n]
         residual = None
         if control is not None and self.config.control_residual:
-            # the set's mean [B, G], or with paired_control each cell's own control cell [B, m, G]
-            residual = control if self.config.paired_control else control.mean(dim=1)
-            if control_mask is not None:
-                residual = residual * control_mask.to(residual.dtype).view(B, *[1] * (residual.ndim - 1))
+            # each cell's own control cell [B, m, G] (paired_control), else the set's mean [B, 1, G]
+            residual = visible if self.config.paired_control else visible.mean(dim=1, keepdim=True)
         for block in self.blocks:
             x, c = block(x, c, cond, attn_mask)  # [B, m, d], [B, n, d]
         return self.final_layer(x, cond, residual)  # [B, m, G]

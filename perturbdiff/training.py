@@ -99,7 +99,7 @@ def pair_cells(x0: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
     """
     from scipy.optimize import linear_sum_assignment
 
-    cost = torch.cdist(x0.detach().float(), control.detach().float()).pow(2).cpu().numpy()  # [B, m, m]
+    cost = torch.cdist(x0.float(), control.float()).pow(2).cpu().numpy()  # [B, m, m]
     order = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost]).to(control.device)
     return torch.gather(control, 1, order.unsqueeze(-1).expand_as(control))
 
