@@ -35,9 +35,9 @@ def context_means(screen, genes, *, perturbation_key: str = BENCH.perturbation_k
                   context_key: str = BENCH.context_key, control_label: str = BENCH.control_label) -> dict:
     """Each context's control mean and stimulated mean (over its non-control cells), log1p, in
     ``genes`` order: ``{"control": {context: [G]}, "stimulated": {context: [G]}}``."""
-    from perturbdiff.evaluation import _log1p_matrix
+    from perturbdiff.evaluation import log1p_matrix
 
-    X = _log1p_matrix(screen, genes, 1e4, "screen")
+    X = log1p_matrix(screen, genes, 1e4, "screen")
     ctx = screen.obs[context_key].astype(str).to_numpy()
     is_control = screen.obs[perturbation_key].astype(str).to_numpy() == control_label
     means = {"control": {}, "stimulated": {}}
@@ -53,10 +53,10 @@ def decompose(pred, means: dict, heldout, top: int = 10) -> dict:
     ``pred``: predicted cells (obs "context"; counts or log1p); ``means``: `context_means` of the
     screen in ``pred``'s gene order.
     """
-    from perturbdiff.evaluation import _log1p_matrix
+    from perturbdiff.evaluation import log1p_matrix
 
     genes = np.asarray(pred.var_names.astype(str))
-    Xp = _log1p_matrix(pred, genes, 1e4, "prediction")
+    Xp = log1p_matrix(pred, genes, 1e4, "prediction", prediction=True)
     p_ctx = pred.obs["context"].astype(str).to_numpy()
     ctrl_mean, stim_mean = means["control"], means["stimulated"]
     train_types = [c for c in ctrl_mean if c not in heldout]

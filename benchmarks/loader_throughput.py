@@ -120,7 +120,7 @@ def child_reference(a):
     import torch
 
     from perturbdiff.data.store import Atlas
-    from perturbdiff.normalization import Normalization, normalize_counts
+    from perturbdiff.expression import Normalization, normalize_counts
 
     ds = _dataset(a)
     names = Atlas(a.atlas).read_obs([]).index

@@ -44,7 +44,7 @@ def make_bench(path: Path) -> Benchmark:
                              "(src/perturbench/data/resources/devel.h5ad in altoslabs/perturbench)")
         import scipy.sparse as sp
 
-        from perturbdiff.data.builder import log1p_to_counts
+        from perturbdiff.expression import log1p_to_counts
 
         adata = ad.read_h5ad(path)
         # only the columns the benchmark uses (the file's dose is a string like "1+1")

@@ -6,7 +6,7 @@ from .configuration import COVARIATES, MODEL_PRESETS, NULL_ID, PerturbDiffConfig
 from .diffusion import GaussianDiffusion, apply_guidance
 from .losses import energy_distance, set_loss
 from .modeling import PerturbDiffModel
-from .normalization import Normalization, normalize_counts
+from .expression import Normalization, normalize_counts
 from .training import CONDITIONAL, MARGINAL, Objective, sample_sets, training_step
 
 __version__ = "0.1.0"

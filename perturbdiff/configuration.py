@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PretrainedConfig
 
-from .normalization import Normalization
+from .expression import Normalization
 
 __all__ = ["PerturbDiffConfig", "MODEL_PRESETS", "COVARIATES", "NULL_ID"]
 

@@ -47,8 +47,7 @@ import scipy.sparse as sp
 import torch
 
 from .losses import energy_distance
-from .normalization import Normalization, normalize_counts
-from .pipeline import detect_input_space
+from .expression import Normalization, detect_input_space, gene_columns, to_model_space
 
 __all__ = ["Evaluation", "evaluate", "split_for_evaluation", "BASELINES", "HEADLINE_METRICS", "add_parser"]
 
@@ -115,36 +114,31 @@ def _dense(X) -> np.ndarray:
     return (X.toarray() if sp.issparse(X) else np.asarray(X)).astype(np.float32, copy=False)
 
 
-def _log1p_matrix(adata, genes, target_sum: float, name: str):
-    """X in log1p space, columns in ``genes`` order (counts are normalised over all their genes)."""
+def log1p_matrix(adata, genes, target_sum: float, name: str, *, prediction: bool = False) -> np.ndarray:
+    """X as dense log1p(counts / total * target_sum), columns in ``genes`` order.
+
+    Real data (counts or log1p) go through `to_model_space`, the route training and prediction
+    take: each cell is normalised over all genes of its file. A ``prediction`` already in log1p
+    space is taken as written (it is the model's output, not data to renormalise).
+    """
     X = adata.X
     if X is None:
         raise ValueError(f"{name}: the AnnData has no X")
-    try:
-        space = detect_input_space(X)
-    except ValueError as err:
-        raise ValueError(f"{name}: {str(err).replace('control expression', 'expression')}") from None
-    names = pd.Index(adata.var_names.astype(str))
-    if not names.is_unique:
-        raise ValueError(f"{name}: duplicated gene names {names[names.duplicated()].tolist()[:5]}")
-    cols = names.get_indexer(genes)
+    space = detect_input_space(X, what=f"{name} expression")
+    cols = gene_columns(adata.var_names.astype(str), genes, what=name)
     if (cols < 0).any():
         missing = [g for g, c in zip(genes, cols) if c < 0]
         raise ValueError(f"{name}: {len(missing)} of the prediction's {len(genes)} genes are missing "
                          f"({len(genes) - len(missing)} shared; e.g. {missing[:5]})")
-    if space == "counts":
-        X = X.tocsr() if sp.issparse(X) else np.asarray(X, dtype=np.float32)
-        totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-        sub = _dense(X[:, cols])
-        other = np.clip(totals - sub.sum(1), 0, None).astype(np.float32)
-        norm = Normalization(target_sum=target_sum, log1p=True, scale=1.0)
-        return normalize_counts(np.concatenate([sub, other[:, None]], 1), norm)[:, :-1]
-    X = X[:, cols]
-    vmax = float(X.max()) if X.shape[0] else 0.0
+    if prediction and space == "log1p":
+        out = _dense(X[:, cols])
+    else:
+        out, _ = to_model_space(X, cols, space, Normalization(target_sum=target_sum, log1p=True, scale=1.0))
+    vmax = float(out.max()) if out.size else 0.0
     if vmax >= _CELL_EVAL_MAX:
         raise ValueError(f"{name}: log1p values up to {vmax:.3g}; cell-eval accepts log1p-normalised data below "
                          f"{_CELL_EVAL_MAX:g} (was the data normalised to a larger total than 1e4?)")
-    return X
+    return out
 
 
 def _obs_column(adata, key: str, fallback: str | None, name: str) -> np.ndarray:
@@ -163,10 +157,10 @@ def _prepare(pred, real, train, *, perturbation_key, context_key, control_label,
         target_sum = float(meta["target_sum"])
 
     def load(adata, name):
-        return _log1p_matrix(adata, genes, target_sum, name)
+        return log1p_matrix(adata, genes, target_sum, name)
 
     # Predictions (written by `perturbdiff predict` with columns "perturbation" / "context").
-    Xp = load(pred, "pred")
+    Xp = log1p_matrix(pred, genes, target_sum, "pred", prediction=True)
     p_pert = _obs_column(pred, perturbation_key, "perturbation", "pred")
     p_ctx = _obs_column(pred, context_key, "context", "pred")
     p_pop = pred.obs["population"].to_numpy() if "population" in pred.obs.columns else np.zeros(pred.n_obs, int)

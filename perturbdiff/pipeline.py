@@ -33,14 +33,13 @@ import torch
 from .configuration import NULL_ID
 from .diffusion import GaussianDiffusion
 from .modeling import PerturbDiffModel
-from .normalization import Normalization, normalize_counts
+from .expression import INPUT_SPACES, Normalization, detect_input_space, gene_columns, to_model_space
 from .training import sample_sets
 
 __all__ = [
     "PerturbDiffPipeline",
     "CONDITION_COLUMNS",
     "condition_rngs",
-    "detect_input_space",
     "make_conditions",
     "read_conditions",
     "write_h5ad_atomic",
@@ -48,14 +47,9 @@ __all__ = [
 ]
 
 CONDITION_COLUMNS = ("perturbation", "context", "batch", "dose")
-INPUT_SPACES = ("auto", "counts", "log1p")
-# log1p of counts normalised to 1e4 stays below ~10 (1e6: ~14); 20 leaves room and still
-# separates log values from counts or from normalised values without the log.
-LOG1P_MAX = 20.0
 # With --allow-missing-genes at least this fraction of the model's genes must be in the data:
 # a prediction from mostly zero-filled inputs is not a prediction.
 MIN_GENE_FRACTION = 0.5
-_INTEGER_TOL = 1e-3
 
 
 # --------------------------------------------------------------------------- conditions
@@ -130,59 +124,6 @@ def _is_missing(v) -> bool:
 
 
 # --------------------------------------------------------------------------- input checks
-def detect_input_space(X, declared: str = "auto") -> str:
-    """Say whether a [cells, genes] matrix holds raw ``"counts"`` or ``"log1p"``-normalised values.
-
-    Counts are integer-valued; log1p-normalised values are non-integer and below ``LOG1P_MAX``.
-    Raises ``ValueError`` on non-finite or negative values, on data that are neither, and when
-    ``declared`` (``"counts"`` / ``"log1p"``) contradicts the data.
-    """
-    if declared not in INPUT_SPACES:
-        raise ValueError(f"input_space must be one of {INPUT_SPACES}, got {declared!r}")
-    values = X.data if sp.issparse(X) else np.asarray(X)
-    values = np.asarray(values).ravel()
-    finite = np.isfinite(values)
-    if not finite.all():
-        raise ValueError(f"control expression has {int((~finite).sum())} non-finite values (NaN or inf)")
-    nonzero = values[values != 0]
-    if nonzero.size == 0:
-        raise ValueError("control expression is all zeros")
-    vmin, vmax = float(nonzero.min()), float(nonzero.max())
-    if vmin < 0:
-        raise ValueError(
-            f"control expression has negative values (min {vmin:.3g}): it looks scaled or centred; "
-            "pass raw counts or log1p-normalised values"
-        )
-    frac = np.abs(nonzero - np.round(nonzero))
-    integer = bool((frac < _INTEGER_TOL).all())
-    example = float(nonzero[np.argmax(frac)])
-    if integer:
-        detected = "counts"
-    elif vmax < LOG1P_MAX:
-        detected = "log1p"
-    else:
-        detected = None
-    if declared == "auto":
-        if detected is None:
-            raise ValueError(
-                f"control expression is neither raw counts (integers) nor log1p-normalised (max < {LOG1P_MAX:g}): "
-                f"non-integer values up to {vmax:.4g}; normalised without log1p? apply log1p or pass raw counts"
-            )
-        return detected
-    if declared == "counts" and not integer:
-        raise ValueError(
-            f"input_space='counts' but the control expression has non-integer values (e.g. {example:.4g}, "
-            f"max {vmax:.4g}): " + ("it looks log1p-normalised" if vmax < LOG1P_MAX else "not raw counts")
-        )
-    if declared == "log1p" and (integer or vmax >= LOG1P_MAX):
-        raise ValueError(
-            "input_space='log1p' but the control expression "
-            + (f"is integer-valued (max {vmax:.4g}): it looks like raw counts" if integer
-               else f"has values up to {vmax:.4g}, above any log1p-normalised value")
-        )
-    return declared
-
-
 def _resolve_key(obs: pd.DataFrame, given: str | None, default: str, flag: str) -> str | None:
     """An explicitly given obs key must exist; the default is used only when present."""
     if given is not None:
@@ -309,7 +250,7 @@ class PerturbDiffPipeline:
 
         G, K = cfg.num_genes, int(num_populations)
         blocks, obs_blocks, table = [], [], []
-        ceiling = _max_value(norm)
+        ceiling = norm.max_value
         num_clipped = 0
         rows = tqdm(conds.itertuples(index=False), total=len(conds), desc="conditions", disable=not progress)
         for i, cond in enumerate(rows):
@@ -344,7 +285,7 @@ class PerturbDiffPipeline:
         for col in ("perturbation", "context", "batch", "control_source"):
             conditions_table[col] = pd.Categorical(conditions_table[col])
         uns = {"perturbdiff": {
-            "expression": _space_description(norm),
+            "expression": norm.describe(),
             "target_sum": float(norm.target_sum) if norm.target_sum is not None else -1.0,
             "log1p": bool(norm.log1p),
             "model_scale": float(norm.scale),
@@ -461,16 +402,7 @@ class PerturbDiffPipeline:
         model_genes = cfg.gene_names or []
         if not model_genes:
             raise ValueError("the model has no gene_names: cannot map the control data's genes")
-        col_of = {}
-        dup = set()
-        for j, g in enumerate(names):
-            if g in col_of:
-                dup.add(g)
-            col_of.setdefault(g, j)
-        dup_model = sorted(dup & set(model_genes))
-        if dup_model:
-            raise ValueError(f"the control data has duplicated gene names among the model's genes: {dup_model[:5]}")
-        cols = np.array([col_of.get(g, -1) for g in model_genes])
+        cols = gene_columns(names, model_genes, what="the control data")
         present = cols >= 0
         n_shared, G = int(present.sum()), len(model_genes)
         if n_shared < G:
@@ -495,23 +427,19 @@ class PerturbDiffPipeline:
         X = X[rows]
         X = X.tocsr() if sp.issparse(X) else np.asarray(X)
         space = detect_input_space(X, input_space)
-        sub = X[:, cols[present]]
-        sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-        sub = sub.astype(np.float32, copy=False)
-        if space == "counts":
-            totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-        else:
-            totals = np.asarray((X.expm1() if sp.issparse(X) else np.expm1(X)).sum(axis=1), dtype=np.float64).ravel()
+        # the training data's space: each cell normalised over all genes of the control data
+        pool_X, totals = to_model_space(X, cols, space, norm)
         keep = totals > 0
         dropped = int((~keep).sum())
         if dropped:
             warnings.warn(f"dropping {dropped} control cells with no expression", stacklevel=3)
         if not keep.any():
             raise ValueError("every selected control cell has zero expression")
-        rows, sub, totals = rows[keep], sub[keep], totals[keep]
-        x, input_target_sum = _to_model_space(sub, totals, space, norm)
-        pool_X = np.zeros((len(rows), G), dtype=np.float32)
-        pool_X[:, present] = x
+        rows, pool_X, totals = rows[keep], pool_X[keep], totals[keep]
+        median = float(np.median(totals))
+        # log1p input normalised to one total T says so by its expm1 totals; counts have none
+        constant = space == "log1p" and (totals.max() - totals.min()) <= 1e-2 * median
+        input_target_sum = median if constant else -1.0
         pool = {
             "X": pool_X,
             "context": obs[ckey].astype(str).to_numpy()[rows] if ckey else None,
@@ -556,45 +484,6 @@ class PerturbDiffPipeline:
 
 
 # --------------------------------------------------------------------------- helpers
-def _to_model_space(sub: np.ndarray, totals: np.ndarray, space: str, norm: Normalization):
-    """The model's input space for the model's genes of each cell; ``totals`` are over all genes."""
-    if space == "counts":
-        # The other genes' counts go in as one extra column, so that normalize_counts (the same
-        # function the training data go through) sees each cell's full total.
-        other = np.clip(totals - sub.sum(axis=1, dtype=np.float64), 0, None).astype(np.float32)
-        return normalize_counts(np.concatenate([sub, other[:, None]], axis=1), norm)[:, :-1], -1.0
-    if norm.target_sum is None:
-        raise ValueError("the model takes log1p of un-normalised counts: pass raw counts (input_space='counts')")
-    # log1p(counts / total * s) with s unknown: when the data hold every gene, expm1 sums to s in
-    # every cell and we rescale to the model's target; otherwise assume the model's target sum.
-    median = float(np.median(totals))
-    constant = (totals.max() - totals.min()) <= 1e-2 * median
-    if constant:
-        factor, input_target_sum = norm.target_sum / median, median
-    else:
-        factor, input_target_sum = 1.0, -1.0
-        if not np.isclose(median, norm.target_sum, rtol=0.5) and median > norm.target_sum:
-            raise ValueError(
-                f"log1p-normalised controls whose totals (median {median:.4g}) exceed the model's "
-                f"target_sum {norm.target_sum:g}: they were normalised to another total; pass raw counts"
-            )
-    v = np.expm1(sub.astype(np.float64)) * factor
-    x = np.log1p(v) if norm.log1p else v
-    return (x / norm.scale).astype(np.float32), input_target_sum
-
-
-def _max_value(norm: Normalization) -> float | None:
-    """The largest value a cell can have in the output space (all counts in one gene)."""
-    if norm.target_sum is None:
-        return None
-    return float(np.log1p(norm.target_sum)) if norm.log1p else float(norm.target_sum)
-
-
-def _space_description(norm: Normalization) -> str:
-    inner = "counts / total * " + f"{norm.target_sum:g}" if norm.target_sum is not None else "counts"
-    return f"log1p({inner})" if norm.log1p else inner
-
-
 def _feature_table(features, dim: int) -> dict[str, np.ndarray]:
     if isinstance(features, pd.DataFrame):
         items = {str(k): row.to_numpy() for k, row in features.iterrows()}

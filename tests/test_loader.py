@@ -13,7 +13,7 @@ from perturbdiff.data.splits import SplitSpec
 from perturbdiff.data.store import Atlas
 from perturbdiff.data.synthetic import BUILD_COLUMNS, make_synthetic_adata
 from perturbdiff.data.vocab import atlas_vocabularies, gene_vocabulary
-from perturbdiff.normalization import Normalization, normalize_counts
+from perturbdiff.expression import Normalization, normalize_counts
 
 SMALL = dict(chunk_elems=1024, shard_chunks=4, block_cells=700, progress=False)
 M, B = 16, 4

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..expression import log1p_to_counts
 from .sources import open_sources
 from .store import GROUP_KEYS, AtlasWriter
 
@@ -167,42 +168,6 @@ class _CountsCleaner:
         counts, non_integer = log1p_to_counts(m)
         self.non_integer_cells += non_integer
         return counts
-
-
-# Largest smallest-count tried when recovering counts from log1p input.
-_MAX_MIN_COUNT = 64
-
-
-def log1p_to_counts(m: sp.csr_matrix) -> tuple[sp.csr_matrix, int]:
-    """Raw counts from rows of ``log1p(counts / total * T)`` (any T, any total per cell).
-
-    Returns the counts (float32 CSR) and the number of cells that stayed non-integral (kept
-    rescaled so their smallest value is 1).
-    """
-    # log1p(c / total * T) -> expm1 gives c * (T / total): proportional to the counts of the cell.
-    # Dividing by the smallest non-zero gives c / c_min; the smallest multiplier k that makes the
-    # row integral is c_min (1 for nearly every UMI profile), which recovers the counts exactly.
-    d = np.expm1(m.data.astype(np.float64))
-    lens = np.diff(m.indptr)
-    starts = m.indptr[:-1]
-    nonempty = lens > 0
-    rowmin = np.ones(len(lens))
-    rowmin[nonempty] = np.minimum.reduceat(np.where(d > 0, d, np.inf), starts[nonempty])
-    rel = d / np.repeat(rowmin, lens)
-    mult = np.zeros(len(lens))
-    mult[~nonempty] = 1.0
-    for k in range(1, _MAX_MIN_COUNT + 1):
-        todo = np.flatnonzero((mult == 0) & nonempty)
-        if not len(todo):
-            break
-        c = rel * k
-        near = np.abs(c - np.round(c)) <= 1e-4 * np.maximum(1.0, c)  # float32 log1p keeps ~1e-6
-        ok = np.logical_and.reduceat(near, starts[nonempty])[np.searchsorted(np.flatnonzero(nonempty), todo)]
-        mult[todo[ok]] = k
-    integral = mult > 0
-    counts = rel * np.repeat(np.where(integral, mult, 1.0), lens)
-    counts = np.where(np.repeat(integral, lens), np.round(counts), counts)
-    return sp.csr_matrix((counts.astype(np.float32), m.indices, m.indptr), shape=m.shape), int((~integral).sum())
 
 
 def build_atlas(

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..normalization import Normalization
+from ..expression import Normalization, gene_columns, normalize_csr
 from .splits import as_split_spec
 from .store import Atlas
 from .vocab import atlas_vocabularies, gene_vocabulary
@@ -213,13 +213,15 @@ class CellSetDataset(IterableDataset):
         self.context_names = list(vocab["context"] if context_names is None else context_names)
         self.batch_names = list(vocab["batch"] if batch_names is None else batch_names)
         self.num_genes = len(self.gene_names)
-        target = {g: i for i, g in enumerate(self.gene_names)}
-        if len(target) != len(self.gene_names):
+        if len(set(self.gene_names)) != len(self.gene_names):
             raise ValueError("gene_names has duplicates")
         self.gene_presence = np.zeros((len(self.sources), self.num_genes), dtype=bool)
         offset = 0
         for src in self.sources:
-            gmap = np.array([target.get(str(g), -1) for g in src.atlas.gene_names], dtype=np.int64)
+            # atlas column -> vocabulary position (-1: outside the vocabulary)
+            cols = gene_columns(src.atlas.gene_names, self.gene_names, what=f"atlas {src.path}")
+            gmap = np.full(len(src.atlas.gene_names), -1, dtype=np.int64)
+            gmap[cols[cols >= 0]] = np.flatnonzero(cols >= 0)
             self.gene_presence[src.index, gmap[gmap >= 0]] = True
             identity = len(gmap) == self.num_genes and np.array_equal(gmap, np.arange(self.num_genes))
             src.gene_map = None if identity else gmap
@@ -517,27 +519,13 @@ class CellSetDataset(IterableDataset):
 
     def _normalise(self, sets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The sets' rows as one normalised CSR in the gene vocabulary: indptr int64, cols int32, values float32."""
-        norm = self.normalization
         mapped = []
         for (ip, ix, d), src in sets:
             cols = ix if src.gene_map is None else src.gene_map[ix]
             mapped.append((ip, cols, d))
         indptr, cols, data = _concat_csr(mapped)
-        n_rows = len(indptr) - 1
-        lens = np.diff(indptr)
-        values = data.astype(np.float32, copy=True)
-        if norm.target_sum is not None:
-            # per-cell totals over every gene the atlas measures, before mapping to the vocabulary
-            totals = np.zeros(n_rows)
-            nonempty = lens > 0
-            if nonempty.any():
-                # float32 sums are exact for integer counts up to 2**24 per cell, and twice as fast
-                totals[nonempty] = np.add.reduceat(data, indptr[:-1][nonempty])
-            scale = np.divide(norm.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-            values *= np.repeat(scale.astype(np.float32), lens)
-        if norm.log1p:
-            np.log1p(values, out=values)
-        values *= np.float32(1.0 / norm.scale)
+        # per-cell totals over every gene the atlas measures, before mapping to the vocabulary
+        values = normalize_csr(indptr, data, self.normalization)
         if any(src.gene_map is not None for _, src in sets):
             keep = cols >= 0  # genes outside the vocabulary
             kept = np.concatenate([[0], np.cumsum(keep)])
