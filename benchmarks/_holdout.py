@@ -5,7 +5,7 @@ One run, end to end through the project's own pieces:
 1. the screen (an AnnData) is built into an atlas (`perturbdiff.data.build_atlas`);
 2. the split is the paper's: held-out contexts ∩ held-out perturbations are the test groups
    (`SplitSpec.held_out`), the same split for training and for evaluation
-   (`perturbdiff.evaluation.split_for_evaluation` cuts the real / train / control AnnData);
+   (`perturbdiff.data.splits.split_for_evaluation` cuts the real / train / control AnnData);
 3. `pretrain/run.py` pretrains a model on the marginal objective on every control cell and the
    training split's perturbed cells; `finetune/run.py` trains the conditional model from scratch
    and finetuned from that export (each in its own process, so `--launcher "accelerate launch ..."`
@@ -75,7 +75,7 @@ class Benchmark:
 def parser(bench: Benchmark, description: str) -> argparse.ArgumentParser:
     # Defaults: the CPU budget of docs/benchmarks.md (Kang: about 15 minutes on 2 cores).
     d = {"steps": 1500, "pretrain_steps": 800, "preset": "small", "set_size": 64, "lr": None,
-         "sample_steps": 20, "guidance_scale": 0.0, "strength": 1.0, "num_populations": 1, **bench.defaults}
+         "sample_steps": 20, "guidance_scale": 0.0, "num_populations": 1, **bench.defaults}
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=f"runs/{bench.name}", help="where atlases, models, predictions and "
                    "results go (default: %(default)s; runs/ is git-ignored)")
@@ -92,8 +92,6 @@ def parser(bench: Benchmark, description: str) -> argparse.ArgumentParser:
     p.add_argument("--heldout-perturbations", nargs="+", default=bench.heldout_perturbations)
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to train and score")
     p.add_argument("--sample-steps", type=int, default=d["sample_steps"], help="DDIM steps (default: %(default)s)")
-    p.add_argument("--strength", type=float, default=d["strength"],
-                   help="sampling strength (1: from pure noise; <1: from noised control cells, SDEdit) (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=d["guidance_scale"],
                    help="classifier-free guidance w (0: conditional only; -1: covariates dropped) (default: %(default)s)")
     p.add_argument("--num-populations", type=int, default=d["num_populations"],
@@ -191,7 +189,7 @@ def _predict(args, bench, model_dir: Path, control, conditions: pd.DataFrame):
     pred = pipe.predict(control, conds, perturbation_key=bench.perturbation_key, context_key=bench.context_key,
                         batch_key="batch", control_label=bench.control_label, set_size=args.set_size,
                         num_populations=args.num_populations, num_steps=args.sample_steps,
-                        guidance_scale=args.guidance_scale, strength=args.strength, seed=args.seed, progress=False)
+                        guidance_scale=args.guidance_scale, seed=args.seed, progress=False)
     return pred, time.time() - t0
 
 
@@ -242,7 +240,8 @@ def run(bench: Benchmark, argv=None, description: str = "") -> dict:
     t_start = time.time()
 
     from perturbdiff.data import SplitSpec, build_atlas
-    from perturbdiff.evaluation import evaluate, split_for_evaluation
+    from perturbdiff.data.splits import split_for_evaluation
+    from perturbdiff.evaluation import evaluate
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

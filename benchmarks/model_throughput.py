@@ -20,7 +20,7 @@ import time
 
 import torch
 
-import perturbdiff as pd
+import perturbdiff as pdiff
 
 
 def _sync(device):
@@ -30,22 +30,22 @@ def _sync(device):
 
 def bench(preset: str, device: torch.device, args) -> dict:
     torch.manual_seed(0)
-    config = pd.PerturbDiffConfig.from_preset(preset, num_genes=args.genes, perturbation_names=["p"])
-    model = pd.PerturbDiffModel(config).to(device)
-    diff = pd.GaussianDiffusion.from_config(config)
+    config = pdiff.PerturbDiffConfig.from_preset(preset, num_genes=args.genes, perturbation_names=["p"])
+    model = pdiff.PerturbDiffModel(config).to(device)
+    diff = pdiff.GaussianDiffusion.from_config(config)
     B, m, G = args.sets, args.set_size, args.genes
     batch = {
         "x0": torch.rand(B, m, G, device=device),
         "control": torch.rand(B, m, G, device=device),
         "perturbation": torch.ones(B, dtype=torch.long, device=device),
     }
-    objective = pd.Objective(self_cond_prob=0.0)
+    objective = pdiff.Objective(self_cond_prob=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def train_step():
         with amp:
-            loss = pd.training_step(model, diff, batch, objective)["loss"]
+            loss = pdiff.training_step(model, diff, batch, objective)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -60,10 +60,10 @@ def bench(preset: str, device: torch.device, args) -> dict:
     train_s = (time.perf_counter() - t0) / args.train_steps
 
     with amp:
-        pd.sample_sets(model, diff, control=batch["control"], perturbation=batch["perturbation"], num_steps=1)
+        pdiff.sample_sets(model, diff, control=batch["control"], perturbation=batch["perturbation"], num_steps=1)
         _sync(device)
         t0 = time.perf_counter()
-        pd.sample_sets(model, diff, control=batch["control"], perturbation=batch["perturbation"],
+        pdiff.sample_sets(model, diff, control=batch["control"], perturbation=batch["perturbation"],
                        num_steps=args.measure_sample_steps)
         _sync(device)
     per_step = (time.perf_counter() - t0) / args.measure_sample_steps

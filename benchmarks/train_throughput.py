@@ -54,10 +54,10 @@ def run(atlas, out, preset, processes, deepspeed, args, env) -> dict:
 
 
 def mfu(preset, genes, set_size, cells_per_s, peak_tflops) -> float:
-    import perturbdiff as pd
+    import perturbdiff as pdiff
 
-    cfg = pd.PerturbDiffConfig.from_preset(preset, num_genes=genes)
-    params = sum(p.numel() for p in pd.PerturbDiffModel(cfg).parameters())
+    cfg = pdiff.PerturbDiffConfig.from_preset(preset, num_genes=genes)
+    params = sum(p.numel() for p in pdiff.PerturbDiffModel(cfg).parameters())
     tokens_per_cell = 2  # a perturbed token and its control token
     attn = 4 * cfg.num_layers * cfg.hidden_size * (2 * set_size)  # QK^T and AV per token, forward
     flops_per_cell = tokens_per_cell * (6 * params + 3 * attn)

@@ -1,7 +1,7 @@
 """Finetune PerturbDiff on a perturbation screen (the conditional stage).
 
-    accelerate launch finetune/run.py --base runs/pretrain/model --screen screen.h5ad \\
-        --perturbation-key drug --control-label DMSO --context-key cell_line --batch-key plate \\
+    accelerate launch finetune/run.py --base runs/pretrain/model --screen screen.h5ad \
+        --perturbation-key drug --control-label DMSO --context-key cell_line --batch-key plate \
         --heldout-contexts A549 --heldout-perturbations drugX drugY
 
 The base model's genes and covariates keep their learned rows; the screen's new names get new ones.
@@ -10,7 +10,7 @@ Without --base it trains from scratch. See --help and finetune/configs/.
 
 from pathlib import Path
 
-from perturbdiff.trainer import main
+from perturbdiff.train.cli import main
 
 if __name__ == "__main__":
-    main(description=__doc__, default_config=Path(__file__).parent / "configs" / "default.yaml")
+    main(description=__doc__, default_config=Path(__file__).parent / "configs" / "default.yaml", finetune=True)

@@ -7,7 +7,7 @@ from .diffusion import GaussianDiffusion, apply_guidance
 from .losses import energy_distance, set_loss
 from .modeling import PerturbDiffModel
 from .expression import Normalization, normalize_counts
-from .training import CONDITIONAL, MARGINAL, Objective, sample_sets, training_step
+from .objective import CONDITIONAL, MARGINAL, Objective, sample_sets, training_step
 
 __version__ = "0.1.0"
 
@@ -20,9 +20,9 @@ _LAZY = {
     "PerturbDiffPipeline": ".pipeline",
     "evaluate": ".evaluation",
     "adapt_model": ".adapt",
-    "Trainer": ".trainer",
-    "TrainConfig": ".trainer",
-    "load_train_config": ".trainer",
+    "Trainer": ".train",
+    "TrainConfig": ".train",
+    "load_train_config": ".train",
 }
 
 

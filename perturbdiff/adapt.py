@@ -15,7 +15,10 @@ import torch
 from .configuration import COVARIATES, PerturbDiffConfig
 from .modeling import PerturbDiffModel
 
-__all__ = ["extend_vocabulary", "adapt_model"]
+__all__ = ["extend_vocabulary", "adapt_model", "adapt_pretrained", "FINETUNE_OVERRIDES"]
+
+# config fields a finetuning run may change on its base model (behaviour, not shapes or weights)
+FINETUNE_OVERRIDES = {"paired_control"}
 
 
 def extend_vocabulary(base: Sequence[str], new: Sequence[str]) -> list[str]:
@@ -47,22 +50,22 @@ def adapt_model(
         gene_names: the new gene vocabulary (any order; ``None`` keeps the base's).
         perturbation_names, context_names, batch_names: new covariate vocabularies; ``None`` keeps the
             base's. Use :func:`extend_vocabulary` to keep every base name and id.
-        overrides: config fields to change that keep the base's sizes (e.g. ``context_conditioning``,
-            ``paired_control``: a module it adds starts freshly initialised, one it removes is dropped).
+        overrides: config fields to change that keep the base's sizes (e.g. ``paired_control``: a
+            module it adds starts freshly initialised, one it removes is dropped).
         seed: seed of the initialisation of new rows.
     Returns:
         the adapted model and a report: shared / new / dropped counts per vocabulary.
     """
-    bc = base.config
-    if bc.gene_names is None and gene_names is not None:
+    base_config = base.config
+    if base_config.gene_names is None and gene_names is not None:
         raise ValueError("the base model has no gene names: its genes cannot be matched by name")
     vocab = {
-        "gene_names": list(gene_names) if gene_names is not None else bc.gene_names,
-        "perturbation_names": list(perturbation_names) if perturbation_names is not None else bc.perturbation_names,
-        "context_names": list(context_names) if context_names is not None else bc.context_names,
-        "batch_names": list(batch_names) if batch_names is not None else bc.batch_names,
+        "gene_names": list(gene_names) if gene_names is not None else base_config.gene_names,
+        "perturbation_names": list(perturbation_names) if perturbation_names is not None else base_config.perturbation_names,
+        "context_names": list(context_names) if context_names is not None else base_config.context_names,
+        "batch_names": list(batch_names) if batch_names is not None else base_config.batch_names,
     }
-    cfg_dict = bc.to_dict()
+    cfg_dict = base_config.to_dict()
     for key in ("num_genes", "model_type", "transformers_version", "architectures"):
         cfg_dict.pop(key, None)
     config = PerturbDiffConfig(**{**cfg_dict, **(overrides or {}), **vocab})
@@ -77,7 +80,7 @@ def adapt_model(
     # covariate tables: row 0 (null) and every shared name keep their embedding
     for cov in COVARIATES:
         key = f"covariate_embedder.{cov}.weight"
-        old_names, new_names = bc.vocabulary(cov), config.vocabulary(cov)
+        old_names, new_names = base_config.vocabulary(cov), config.vocabulary(cov)
         old_pos = {n: i + 1 for i, n in enumerate(old_names)}
         pairs = [(0, 0)] + [(j + 1, old_pos[n]) for j, n in enumerate(new_names) if n in old_pos]
         dst, src = (torch.tensor(x) for x in zip(*pairs))
@@ -86,14 +89,14 @@ def adapt_model(
         report[cov] = _counts(old_names, new_names)
 
     # genes: input columns (x_t and self-conditioning halves, control) and output rows
-    old_genes = bc.gene_names or [str(i) for i in range(bc.num_genes)]
+    old_genes = base_config.gene_names or [str(i) for i in range(base_config.num_genes)]
     old_g = {g: i for i, g in enumerate(old_genes)}
     pairs = [(j, old_g[g]) for j, g in enumerate(config.gene_names or old_genes) if g in old_g]
     if not pairs:
         raise ValueError("the new gene vocabulary shares no gene with the base model")
     dst, src = (torch.tensor(x) for x in zip(*pairs))
-    G_old, G_new = bc.num_genes, config.num_genes
-    halves = 2 if bc.self_conditioning else 1
+    G_old, G_new = base_config.num_genes, config.num_genes
+    halves = 2 if base_config.self_conditioning else 1
     for h in range(halves):
         new_sd["x_embed.weight"][:, dst + h * G_new] = old_sd["x_embed.weight"][:, src + h * G_old]
     for key in ("c_embed.weight", "pair_embed.weight"):  # control-cell inputs (pair_embed: paired models)
@@ -116,6 +119,44 @@ def adapt_model(
         new_sd[key] = value
     model.load_state_dict(new_sd)
     return model, report
+
+
+def adapt_pretrained(base_dir, *, gene_names: Sequence[str], perturbation_names: Sequence[str],
+                     context_names: Sequence[str], batch_names: Sequence[str], new_genes: str = "add",
+                     overrides: dict | None = None, seed: int = 0, log=print) -> PerturbDiffModel:
+    """A saved model (``from_pretrained`` folder) adapted to a screen's genes and covariates.
+
+    Base names keep their ids and learned rows; the screen's new perturbations, contexts and
+    batches are appended; genes the base lacks are appended (``new_genes="add"``) or left out
+    (``"drop"``). Only `FINETUNE_OVERRIDES` may change on a base model.
+    """
+    from pathlib import Path
+
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").exists():
+        raise FileNotFoundError(f"base model {base_dir} has no config.json (expected a save_pretrained folder)")
+    if new_genes not in ("add", "drop"):
+        raise ValueError(f"model.new_genes must be 'add' or 'drop', got {new_genes!r}")
+    fixed = sorted(set(overrides or {}) - FINETUNE_OVERRIDES)
+    if fixed:
+        raise ValueError(f"model.overrides {fixed} cannot change a base model (its sizes and weights are kept); "
+                         f"finetuning can override {sorted(FINETUNE_OVERRIDES)}")
+    base = PerturbDiffModel.from_pretrained(base_dir)
+    base_config = base.config
+    genes = extend_vocabulary(base_config.gene_names, gene_names) if new_genes == "add" else base_config.gene_names
+    model, report = adapt_model(
+        base, gene_names=genes,
+        perturbation_names=extend_vocabulary(base_config.perturbation_names, perturbation_names),
+        context_names=extend_vocabulary(base_config.context_names, context_names),
+        batch_names=extend_vocabulary(base_config.batch_names, batch_names),
+        overrides=overrides, seed=seed,
+    )
+    in_data = set(gene_names)
+    log(f"base model {base_dir}: genes {report['genes']['shared']} kept, {report['genes']['new']} added "
+        f"({sum(g in in_data for g in base_config.gene_names)} of the base's {base_config.num_genes} genes are among "
+        f"the screen's {len(in_data)}); perturbations {report['perturbation']}, contexts {report['context']}, "
+        f"batches {report['batch']}")
+    return model
 
 
 def _counts(old: Sequence[str], new: Sequence[str]) -> dict:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from transformers import PretrainedConfig
 
 from .expression import Normalization
 
-__all__ = ["PerturbDiffConfig", "MODEL_PRESETS", "COVARIATES", "NULL_ID"]
+__all__ = ["PerturbDiffConfig", "MODEL_PRESETS", "COVARIATES", "NULL_ID", "encode_names"]
 
 NULL_ID = 0
 COVARIATES = ("perturbation", "context", "batch")
@@ -33,6 +34,8 @@ MODEL_PRESETS: dict[str, dict] = {
 }
 
 _BETA_SCHEDULES = ("linear", "cosine")
+# Removed options, with the one behaviour that stayed: a stored config that asks for another fails.
+_REMOVED = {"context_conditioning": True, "control_residual_init": 1.0}
 _OUTPUT_ACTIVATIONS = ("relu", "softplus", "none")
 
 
@@ -56,13 +59,8 @@ class PerturbDiffConfig(PretrainedConfig):
         control_residual: add a learned per-gene gate times the control set's mean expression to
             the head's output (before its activation), so the network can predict the change from
             the control population.
-        control_residual_init: the gate's initial value: 1 (default) starts from "the perturbed
-            population's mean is the control mean" (the head then learns the change); 0 starts
-            without the residual.
-        context_conditioning: read the context and batch ids. False: the model ignores them (they
-            act as null) and takes a population's identity from its control set alone; use it
-            for conditional models meant to predict contexts never seen perturbed (held-out cell
-            types), whose context embeddings would otherwise have had no training signal.
+            The gate starts at one: "the perturbed population is the control population", and
+            the head learns the change.
         paired_control: pair each generated cell with one control cell (cell i of the control set
             given to ``forward``): its token reads that cell, and the control residual adds that
             cell instead of the set's mean, so the network predicts each cell's change from its
@@ -71,6 +69,8 @@ class PerturbDiffConfig(PretrainedConfig):
             cell type never seen perturbed needs.
         normalization: dict of :class:`~perturbdiff.normalization.Normalization` fields.
         control_label: the perturbation name that marks control cells in the training data.
+        set_size: cells per set the model was trained with (the trainer records it); prediction
+            uses it as its default set size, since a set model's output depends on the set size.
     """
 
     model_type = "perturbdiff"
@@ -94,11 +94,10 @@ class PerturbDiffConfig(PretrainedConfig):
         beta_schedule: str = "cosine",
         self_conditioning: bool = True,
         control_residual: bool = True,
-        control_residual_init: float = 1.0,
-        context_conditioning: bool = True,
         paired_control: bool = False,
         normalization: dict | None = None,
         control_label: str | None = "control",
+        set_size: int | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -121,12 +120,14 @@ class PerturbDiffConfig(PretrainedConfig):
         self.beta_schedule = beta_schedule
         self.self_conditioning = self_conditioning
         self.control_residual = control_residual
-        self.control_residual_init = float(control_residual_init)
-        self.context_conditioning = bool(context_conditioning)
         self.paired_control = bool(paired_control)
         self.normalization = Normalization.from_dict(normalization).to_dict()
         self.control_label = control_label
+        self.set_size = set_size
         self.initializer_range = initializer_range
+        for name, kept in _REMOVED.items():  # options measurements rejected: refuse other values
+            if name in kwargs and kwargs.pop(name) != kept:
+                raise ValueError(f"{name} was removed (docs/benchmarks.md has why); only {name}={kept!r} remains")
         super().__init__(**kwargs)
         self.validate()
 
@@ -185,18 +186,7 @@ class PerturbDiffConfig(PretrainedConfig):
 
     def encode(self, covariate: str, names: str | Iterable[str | None]) -> torch.Tensor:
         """Map names to ids (a LongTensor). ``None`` maps to the null id; unknown names raise."""
-        if isinstance(names, str):
-            names = [names]
-        names = list(names)
-        lookup = {n: i + 1 for i, n in enumerate(self.vocabulary(covariate))}
-        unknown = sorted({str(n) for n in names if n is not None and n not in lookup})
-        if unknown:
-            known = self.vocabulary(covariate)
-            shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
-            raise ValueError(
-                f"unknown {covariate} name(s) {unknown[:10]} (the model knows {len(known)}: {shown})"
-            )
-        return torch.tensor([NULL_ID if n is None else lookup[n] for n in names], dtype=torch.long)
+        return torch.from_numpy(encode_names(names, self.vocabulary(covariate), covariate))
 
     def decode(self, covariate: str, ids: Iterable[int]) -> list[str | None]:
         vocab = self.vocabulary(covariate)
@@ -220,6 +210,24 @@ class PerturbDiffConfig(PretrainedConfig):
             + (f" (e.g. {missing[:5]})" if missing else "")
             + ("; same genes in another order: reorder the data to the model's gene_names" if not missing and shared == self.num_genes == len(gene_names) else "")
         )
+
+
+def encode_names(names: str | Iterable[str | None], vocabulary: Sequence[str], what: str,
+                 known_as: str = "the model") -> np.ndarray:
+    """Ids of ``names`` in ``vocabulary`` (int64; position + 1, ``None`` -> ``NULL_ID``).
+
+    The one name-to-id rule of the project: a name outside the vocabulary is an error that lists
+    what is known, never a silent null.
+    """
+    if isinstance(names, str):
+        names = [names]
+    names = [None if n is None else str(n) for n in names]
+    lookup = {str(n): i + 1 for i, n in enumerate(vocabulary)}
+    unknown = sorted({n for n in names if n is not None and n not in lookup})
+    if unknown:
+        shown = ", ".join(map(str, vocabulary[:20])) + (" ..." if len(vocabulary) > 20 else "")
+        raise ValueError(f"unknown {what} name(s) {unknown[:10]} ({known_as} knows {len(vocabulary)}: {shown})")
+    return np.array([NULL_ID if n is None else lookup[n] for n in names], dtype=np.int64)
 
 
 def _duplicates(names: Sequence[str]) -> list[str]:

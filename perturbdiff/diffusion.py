@@ -93,21 +93,13 @@ class GaussianDiffusion:
         ab = self._abar(t, x_t)
         return (x_t.float() - (1 - ab).sqrt() * eps.float()) / ab.sqrt()
 
-    def timesteps(self, num_steps: int, start: int | None = None) -> list[int]:
-        """K respaced timesteps, descending, from ``start`` (default T-1, pure noise) to 0."""
-        start = self.num_train_timesteps - 1 if start is None else int(start)
-        if not 0 <= start < self.num_train_timesteps:
-            raise ValueError(f"start must be in [0, {self.num_train_timesteps - 1}], got {start}")
-        if not 1 <= num_steps <= start + 1:
-            raise ValueError(f"num_steps must be in [1, {start + 1}], got {num_steps}")
-        ts = np.linspace(start, 0, num_steps).round().astype(int)
+    def timesteps(self, num_steps: int) -> list[int]:
+        """K respaced timesteps, descending, from T-1 (pure noise) to 0."""
+        T = self.num_train_timesteps
+        if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be an integer in [1, {T}], got {num_steps!r}")
+        ts = np.linspace(T - 1, 0, num_steps).round().astype(int)
         return [int(t) for t in ts]
-
-    def start_step(self, strength: float) -> int:
-        """The timestep a sampler with ``strength`` in (0, 1] starts from (1: T-1, pure noise)."""
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        return int(round(strength * (self.num_train_timesteps - 1)))
 
     # ------------------------------------------------------------------ one reverse step
     def ddim_step(self, x_t, t: int, t_prev: int, x0, eta: float = 0.0, noise=None) -> torch.Tensor:
@@ -152,8 +144,6 @@ class GaussianDiffusion:
         device=None,
         dtype: torch.dtype = torch.float32,
         progress: bool = False,
-        init: torch.Tensor | None = None,
-        strength: float = 1.0,
     ) -> torch.Tensor:
         """Generate sets from Gaussian noise at t = T-1 in ``num_steps`` respaced steps.
 
@@ -166,9 +156,6 @@ class GaussianDiffusion:
             guidance_scale: w of classifier-free guidance (0 = conditional only).
             self_conditioning: feed each step's x_0 estimate to the next step.
             clamp: clamp x_0 estimates (and the result) to be non-negative.
-            init, strength: with ``strength`` < 1, start from ``init`` [B, m, G] noised to the step
-                ``start_step(strength)`` instead of from pure noise (SDEdit): each generated cell
-                begins as a noisy version of its ``init`` cell; smaller strengths keep more of it.
         Returns:
             the generated clean sets [B, m, G].
         """
@@ -179,16 +166,9 @@ class GaussianDiffusion:
         def randn():
             return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
 
-        start = self.start_step(strength)
-        if strength < 1.0:
-            if init is None or tuple(init.shape) != tuple(shape):
-                raise ValueError(f"strength < 1 needs init sets of shape {tuple(shape)}")
-            t0 = torch.full((shape[0],), start, dtype=torch.long, device=device)
-            x = self.add_noise(init.to(device, dtype), randn(), t0)
-        else:
-            x = randn()
+        x = randn()
         x0_prev = torch.zeros(shape, device=device, dtype=dtype) if self_conditioning else None
-        ts = self.timesteps(min(num_steps, start + 1), start)
+        ts = self.timesteps(num_steps)
         steps = range(len(ts))
         if progress:
             from tqdm.auto import tqdm

@@ -35,7 +35,6 @@ import io
 import logging
 import os
 import tempfile
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,9 +46,10 @@ import scipy.sparse as sp
 import torch
 
 from .losses import energy_distance
+from .files import atomic_write
 from .expression import Normalization, detect_input_space, gene_columns, to_model_space
 
-__all__ = ["Evaluation", "evaluate", "split_for_evaluation", "BASELINES", "HEADLINE_METRICS", "add_parser"]
+__all__ = ["Evaluation", "evaluate", "BASELINES", "HEADLINE_METRICS", "add_parser"]
 
 BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean")
 _TRAIN_BASELINES = ("perturbation_mean", "additive_shift", "context_mean")
@@ -401,65 +401,6 @@ def _own_metrics(cells: dict, pops: dict, data: _Data, pca, max_cells: int, seed
     return frame
 
 
-# --------------------------------------------------------------------------- splits
-def split_for_evaluation(
-    adata,
-    held_out,
-    *,
-    perturbation_key: str = "perturbation",
-    context_key: str = "context",
-    control_label: str = "control",
-    dataset: str | None = None,
-    dataset_key: str | None = None,
-    split: str = "test",
-) -> dict:
-    """Cut a screen into the AnnData that ``predict`` and ``evaluate`` take, by a training split.
-
-    The split is the one the trainer uses (a ``SplitSpec``, a split file or its dict; e.g.
-    ``SplitSpec.held_out(contexts, perturbations)``: held-out context ∩ held-out perturbation), so
-    the evaluation sees exactly the cells the model was not trained on.
-
-    Args:
-        adata: the whole screen (counts or log1p; nothing is normalised here).
-        held_out: the split (``SplitSpec``, path to a STATE TOML / JSON split file, or dict).
-        perturbation_key, context_key, control_label: obs columns and the control value.
-        dataset, dataset_key: the dataset name the split's "dataset.context" keys refer to: a fixed
-            name or an obs column (keys without a dataset prefix match any dataset).
-        split: the split to evaluate (``"test"`` or ``"val"``).
-
-    Returns:
-        ``{"real": held-out cells + the control cells of their contexts, "train": the cells of the
-        training split (controls included), "control": the control cells of the held-out contexts}``
-        (copies; same genes and obs as ``adata``). Raises ``ValueError`` when the split selects no cell.
-    """
-    from .data.splits import as_split_spec
-
-    spec = as_split_spec(held_out)
-    if spec is None:
-        raise ValueError("split_for_evaluation needs a split (held_out)")
-    obs = adata.obs
-    for key, flag in ((perturbation_key, "perturbation_key"), (context_key, "context_key"), (dataset_key, "dataset_key")):
-        if key is not None and key not in obs.columns:
-            raise ValueError(f"obs has no column {key!r} ({flag}); columns: {list(obs.columns)}")
-    pert = obs[perturbation_key].astype(str).to_numpy()
-    ctx = obs[context_key].astype(str).to_numpy()
-    ds = obs[dataset_key].astype(str).to_numpy() if dataset_key else np.full(len(obs), dataset or "")
-    is_ctrl = pert == control_label
-    if not is_ctrl.any():
-        raise ValueError(f"no control cells: label {control_label!r} not in obs[{perturbation_key!r}]")
-    keys = pd.MultiIndex.from_arrays([ds, ctx, pert, is_ctrl])
-    codes, groups = pd.factorize(keys)
-    assigned = [spec.assign(d, c, p, bool(k)) for d, c, p, k in groups]
-    in_split = np.array([split in a for a in assigned])[codes]
-    in_train = np.array(["train" in a for a in assigned])[codes]
-    held = in_split & ~is_ctrl
-    if not held.any():
-        raise ValueError(f"the split selects no perturbed cell for {split!r}")
-    contexts = np.unique(ctx[held])
-    ctrl_rows = is_ctrl & np.isin(ctx, contexts)
-    return {"real": adata[held | ctrl_rows].copy(), "train": adata[in_train].copy(), "control": adata[ctrl_rows].copy()}
-
-
 # --------------------------------------------------------------------------- evaluate
 def evaluate(
     pred,
@@ -553,9 +494,9 @@ def evaluate(
     if outdir is not None:
         out = Path(outdir)
         out.mkdir(parents=True, exist_ok=True)
-        files["per_condition"] = _atomic(out / "metrics_per_condition.csv", lambda p: per_condition.to_csv(p, index=False))
-        files["aggregate"] = _atomic(out / "metrics_aggregate.csv", lambda p: aggregate.to_csv(p, index=False))
-        files["summary"] = _atomic(out / "summary.md", lambda p: Path(p).write_text(summary))
+        files["per_condition"] = atomic_write(out / "metrics_per_condition.csv", lambda p: per_condition.to_csv(p, index=False))
+        files["aggregate"] = atomic_write(out / "metrics_aggregate.csv", lambda p: aggregate.to_csv(p, index=False))
+        files["summary"] = atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary))
         if plots:
             files.update(_plots(out, data, methods, per_condition, aggregate, pca, model_name, max_plot_conditions, seed))
     return Evaluation(per_condition, aggregate, summary, files)
@@ -564,18 +505,6 @@ def evaluate(
 def _ordered_metrics(frame: pd.DataFrame) -> list[str]:
     first = [m for m, _ in HEADLINE_METRICS if m in frame.columns]
     return first + [c for c in frame.columns if c not in first]
-
-
-def _atomic(path: Path, write) -> Path:
-    """Write through a temporary sibling and rename, so a reader never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 # --------------------------------------------------------------------------- report
@@ -652,7 +581,7 @@ def _plots(out: Path, data, methods, per_condition, aggregate, pca, model_name, 
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    files["mean_shift_plot"] = _atomic(out / "mean_shift.png", lambda p: fig.savefig(p, dpi=120, format="png"))
+    files["mean_shift_plot"] = atomic_write(out / "mean_shift.png", lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
 
     # 2. Real and predicted cells on the real data's PCA, per condition.
@@ -676,7 +605,7 @@ def _plots(out: Path, data, methods, per_condition, aggregate, pca, model_name, 
             ax.axis("off")
         axes.flat[0].legend(fontsize=7, markerscale=3)
         fig.tight_layout()
-        files["pca_plot"] = _atomic(out / "pca.png", lambda p: fig.savefig(p, dpi=120, format="png"))
+        files["pca_plot"] = atomic_write(out / "pca.png", lambda p: fig.savefig(p, dpi=120, format="png"))
         plt.close(fig)
 
     # 3. Aggregate metrics, model vs baselines.
@@ -697,7 +626,7 @@ def _plots(out: Path, data, methods, per_condition, aggregate, pca, model_name, 
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    files["metrics_plot"] = _atomic(out / "metrics.png", lambda p: fig.savefig(p, dpi=120, format="png"))
+    files["metrics_plot"] = atomic_write(out / "metrics.png", lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
     return files
 

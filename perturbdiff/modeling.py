@@ -135,14 +135,14 @@ class JointBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, n, d_head]
         return s.q_norm(q), s.k_norm(k), v
 
-    def forward(self, x, c, cond, attn_mask=None):
-        # x [B, m, d]; c [B, n, d] or None; cond [B, d]; attn_mask [B, 1, 1, m + n] bool or None
+    def forward(self, x, c, cond):
+        # x [B, m, d]; c [B, n, d] or None; cond [B, d]
         B, m, d = x.shape
         streams = [(self.x, x)] + ([(self.c, c)] if c is not None else [])
         mods = [s.adaLN_modulation(cond).chunk(6, dim=-1) for s, _ in streams]  # 6 x [B, d] each
         qkvs = [self._qkv(s, h, mod[0], mod[1]) for (s, h), mod in zip(streams, mods)]
         q, k, v = (torch.cat(parts, dim=2) for parts in zip(*qkvs))  # [B, heads, m + n, d_head]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, heads, m + n, d_head]
+        attn = F.scaled_dot_product_attention(q, k, v)  # [B, heads, m + n, d_head]
         attn = attn.transpose(1, 2).reshape(B, -1, d)  # [B, m + n, d]
         outs, start = [], 0
         for (s, h), mod in zip(streams, mods):
@@ -213,8 +213,9 @@ class PerturbDiffPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.RMSNorm) and module.weight is not None:
             init.ones_(module.weight)
         elif isinstance(module, FinalLayer) and module.control_gate is not None:
-            # the control residual starts at config.control_residual_init (1: the control mean; 0: off)
-            init.constant_(module.control_gate, self.config.control_residual_init / module.GATE_GAIN)
+            # the control residual starts at one: "the perturbed cells are the control cells", the
+            # network then learns the change
+            init.constant_(module.control_gate, 1.0 / module.GATE_GAIN)
 
 
 class PerturbDiffModel(PerturbDiffPreTrainedModel):
@@ -252,7 +253,6 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         dose: torch.Tensor | None = None,
         perturbation_features: torch.Tensor | None = None,
         drop_covariates: torch.Tensor | None = None,
-        control_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -264,7 +264,6 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             dose: dose per set [B] (needs ``config.use_dose``); ``None`` adds no dose term.
             perturbation_features: [B, F] feature vectors (needs ``config.perturbation_feature_dim``).
             drop_covariates: [B] bool, True replaces that set's covariates by null (guidance).
-            control_mask: [B] bool, False hides that set's control stream from attention.
         Returns:
             x_0 prediction [B, m, G], non-negative unless ``output_activation="none"``.
         """
@@ -272,8 +271,6 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         dev = x_t.device
         timestep = torch.as_tensor(timestep, device=dev).expand(B) if torch.as_tensor(timestep).ndim == 0 else timestep
         ids = [self._ids(name, v, B, dev) for name, v in (("perturbation", perturbation), ("context", context), ("batch", batch))]
-        if not self.config.context_conditioning:  # context and batch act as null: identity from the control set
-            ids[1:] = [torch.full_like(i, NULL_ID) for i in ids[1:]]
 
         cond = self.t_embedder(timestep) + self.covariate_embedder(
             *ids, dose=dose, features=perturbation_features, drop=drop_covariates
@@ -283,23 +280,15 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             x = self.x_embed(torch.cat([x_t, self_cond], dim=-1))  # [B, m, d]
         else:
             x = self.x_embed(x_t)  # [B, m, d]
-        visible = control  # the control cells the head and the paired tokens may read: hidden sets are zero
-        if control is not None and control_mask is not None:
-            visible = control * control_mask.to(control.dtype)[:, None, None]
         if self.pair_embed is not None and control is not None:
-            x = x + self.pair_embed(visible)  # [B, m, d]: each token reads its own control cell
+            x = x + self.pair_embed(control)  # [B, m, d]: each token reads its own control cell
         c = self.c_embed(control) if control is not None else None  # [B, m, d] or None
-        attn_mask = None
-        if c is not None and control_mask is not None:
-            keys = torch.cat([torch.ones(B, m, dtype=torch.bool, device=dev),
-                              control_mask.to(dev, torch.bool)[:, None].expand(B, c.shape[1])], dim=1)
-            attn_mask = keys[:, None, None, :]  # [B, 1, 1, m + n]
         residual = None
         if control is not None and self.config.control_residual:
             # each cell's own control cell [B, m, G] (paired_control), else the set's mean [B, 1, G]
-            residual = visible if self.config.paired_control else visible.mean(dim=1, keepdim=True)
+            residual = control if self.config.paired_control else control.mean(dim=1, keepdim=True)
         for block in self.blocks:
-            x, c = block(x, c, cond, attn_mask)  # [B, m, d], [B, n, d]
+            x, c = block(x, c, cond)  # [B, m, d], [B, n, d]
         return self.final_layer(x, cond, residual)  # [B, m, G]
 
     # ------------------------------------------------------------------ input checks

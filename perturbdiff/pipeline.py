@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import uuid
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -33,8 +32,9 @@ import torch
 from .configuration import NULL_ID
 from .diffusion import GaussianDiffusion
 from .modeling import PerturbDiffModel
+from .files import atomic_write
 from .expression import INPUT_SPACES, Normalization, detect_input_space, gene_columns, to_model_space
-from .training import sample_sets
+from .objective import sample_sets
 
 __all__ = [
     "PerturbDiffPipeline",
@@ -186,12 +186,11 @@ class PerturbDiffPipeline:
         input_space: str = "auto",
         allow_missing_genes: bool = False,
         cells_per_condition: int | None = None,
-        set_size: int = 256,
+        set_size: int | None = None,
         num_populations: int = 1,
         num_steps: int = 100,
         guidance_scale: float = 0.0,
         eta: float = 0.0,
-        strength: float = 1.0,
         seed: int = 0,
         batch_sets: int = 8,
         progress: bool = True,
@@ -217,12 +216,10 @@ class PerturbDiffPipeline:
                 half of the model's genes must be present).
             cells_per_condition: predicted cells per condition and population (default: as many
                 as control cells for the condition).
-            set_size: cells per set m (the last set is padded by resampling, then trimmed).
+            set_size: cells per set m (the last set is padded by resampling, then trimmed); default:
+                the set size the model was trained with (``config.set_size``), else 256.
             num_populations: K independent populations per condition (``obs["population"]``).
             num_steps, guidance_scale, eta: DDIM sampling settings.
-            strength: 1 (default) samples from pure noise; below 1 each predicted cell starts from
-                a control cell noised to that fraction of the diffusion (SDEdit), keeping more of
-                the controls' identity (see docs/predict_evaluate.md).
             seed: sampling seed; each condition's draws depend only on the seed and the
                 condition, not on the other rows of the table.
             batch_sets: sets per forward pass.
@@ -231,13 +228,14 @@ class PerturbDiffPipeline:
         from tqdm.auto import tqdm
 
         cfg, norm = self.config, self.norm
+        if set_size is None:
+            set_size = cfg.set_size or 256
         for name, value in (("set_size", set_size), ("num_populations", num_populations), ("batch_sets", batch_sets)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if cells_per_condition is not None and int(cells_per_condition) < 1:
             raise ValueError(f"cells_per_condition must be >= 1, got {cells_per_condition}")
-        self.diffusion.timesteps(num_steps)  # validates num_steps and strength before any work
-        self.diffusion.start_step(strength)
+        self.diffusion.timesteps(num_steps)  # validates num_steps before any work
 
         conds = self._resolve_conditions(conditions, perturbation, context, batch, dose)
         ids, features = self._encode_conditions(conds, perturbation_features)
@@ -260,7 +258,6 @@ class PerturbDiffPipeline:
                 pool["X"], members[i], condition_rngs(seed, tuple(cond)), n_cells=n_cells, set_size=m,
                 num_populations=K, batch_sets=int(batch_sets), ids={k: v[i] for k, v in ids.items()},
                 features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
-                strength=strength,
             ).reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
             if ceiling is not None:  # no cell can exceed "all its counts in one gene"
                 num_clipped += int((values > ceiling).sum())
@@ -292,7 +289,6 @@ class PerturbDiffPipeline:
             "note": f"X = model output x {norm.scale:g} (the model works in this space / {norm.scale:g})",
             "model": self.source,
             "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "eta": float(eta),
-            "strength": float(strength),
             "seed": int(seed), "set_size": int(set_size), "num_populations": K,
             "cells_per_condition": int(cells_per_condition) if cells_per_condition else 0,
             "input_space": info["input_space"], "input_target_sum": info["input_target_sum"],
@@ -304,7 +300,7 @@ class PerturbDiffPipeline:
         return ad.AnnData(X=X, obs=obs, var=var, uns=uns)
 
     def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
-                          features, num_steps, eta, guidance_scale, strength) -> np.ndarray:
+                          features, num_steps, eta, guidance_scale) -> np.ndarray:
         """K populations of ``n_cells`` predicted cells [K, n_cells, G] (model space) for one condition."""
         rng, gen = rngs
         m, K, G = set_size, num_populations, pool_X.shape[1]
@@ -319,7 +315,7 @@ class PerturbDiffPipeline:
                 perturbation=ids["perturbation"].expand(b), context=ids["context"].expand(b),
                 batch=ids["batch"].expand(b), dose=None if ids["dose"] is None else ids["dose"].expand(b),
                 perturbation_features=None if features is None else features.expand(b, -1),
-                num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, generator=gen, strength=strength,
+                num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, generator=gen,
             )  # [b, m, G]
             preds.append(pred.float().cpu())
         return torch.cat(preds).view(K, n_sets * m, G)[:, :n_cells].numpy()  # padding trimmed
@@ -538,16 +534,7 @@ def condition_rngs(seed: int, condition: tuple) -> tuple[np.random.Generator, to
 
 def write_h5ad_atomic(adata, path: str | os.PathLike) -> Path:
     """Write ``adata`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, adata.write_h5ad)
 
 
 # --------------------------------------------------------------------------- command line
@@ -580,12 +567,10 @@ def add_parser(sub) -> None:
     c.add_argument("--allow-missing-genes", action="store_true", help="fill model genes absent from the data with zeros")
     s = p.add_argument_group("sampling")
     s.add_argument("--cells-per-condition", type=int, help="default: the number of control cells for the condition")
-    s.add_argument("--set-size", type=int, default=256)
+    s.add_argument("--set-size", type=int, help="cells per set (default: the set size the model was trained with, else 256)")
     s.add_argument("--num-populations", type=int, default=1)
     s.add_argument("--steps", type=int, default=100, help="DDIM steps")
     s.add_argument("--guidance-scale", type=float, default=0.0)
-    s.add_argument("--strength", type=float, default=1.0,
-                   help="1: sample from pure noise; <1: start each cell from a noised control cell (SDEdit)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic given the seed)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-sets", type=int, default=8, help="sets per forward pass")
@@ -617,7 +602,7 @@ def _run(args) -> int:
         gene_key=args.gene_key, layer=args.layer, input_space=args.input_space,
         allow_missing_genes=args.allow_missing_genes, cells_per_condition=args.cells_per_condition,
         set_size=args.set_size, num_populations=args.num_populations, num_steps=args.steps,
-        guidance_scale=args.guidance_scale, eta=args.eta, strength=args.strength, seed=args.seed, batch_sets=args.batch_sets,
+        guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, batch_sets=args.batch_sets,
         progress=not args.no_progress,
     )
     write_h5ad_atomic(pred, args.out)

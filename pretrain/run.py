@@ -6,7 +6,7 @@ writes an exported model to ``runs/pretrain/model``. See ``--help`` and ``pretra
 
 from pathlib import Path
 
-from perturbdiff.trainer import main
+from perturbdiff.train.cli import main
 
 if __name__ == "__main__":
     main(description=__doc__, default_config=Path(__file__).parent / "configs" / "default.yaml")

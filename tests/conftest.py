@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-import perturbdiff as pd
+import perturbdiff as pdiff
 
 
 @pytest.fixture
 def tiny_config():
-    return pd.PerturbDiffConfig.from_preset(
+    return pdiff.PerturbDiffConfig.from_preset(
         "debug",
         gene_names=[f"gene{i}" for i in range(12)],
         perturbation_names=["control", "IFNB", "TNF"],
@@ -19,7 +19,7 @@ def tiny_config():
 @pytest.fixture
 def tiny_model(tiny_config):
     torch.manual_seed(0)
-    model = pd.PerturbDiffModel(tiny_config).eval()
+    model = pdiff.PerturbDiffModel(tiny_config).eval()
     # adaLN-Zero makes a fresh model ignore its conditioning; give the modulation weights values
     # so that tests of conditioning, invariance and save/load exercise every path.
     with torch.no_grad():

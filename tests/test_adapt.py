@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import perturbdiff as pd
+import perturbdiff as pdiff
 from perturbdiff.adapt import adapt_model, extend_vocabulary
 
 
@@ -50,31 +50,29 @@ def test_adapt_refuses_disjoint_genes(tiny_model):
 
 
 def test_finetuning_overrides_behaviour_but_not_sizes(tiny_model, tiny_config, tmp_path):
-    from perturbdiff.trainer import TrainConfig, base_model_factory
+    from perturbdiff.adapt import adapt_pretrained
 
     tiny_model.save_pretrained(tmp_path / "base")
     vocab = {"gene_names": tiny_config.gene_names, "perturbation_names": ["control", "IL6"],
              "context_names": ["B cell"], "batch_names": []}
-    cfg = TrainConfig()
-    cfg.model.base = str(tmp_path / "base")
-    cfg.model.overrides = {"context_conditioning": False}
-    model = base_model_factory(cfg)(vocab)
-    assert model.config.context_conditioning is False and model.config.num_layers == tiny_config.num_layers
-    cfg.model.overrides = {"num_layers": 4, "context_conditioning": False}
+    model = adapt_pretrained(tmp_path / "base", **vocab, overrides={"paired_control": True}, log=lambda _: None)
+    assert model.config.paired_control and model.config.num_layers == tiny_config.num_layers
+    assert model.config.perturbation_names == ["control", "IFNB", "TNF", "IL6"]  # base ids first, then new names
     with pytest.raises(ValueError, match=r"\['num_layers'\] cannot change a base model"):
-        base_model_factory(cfg)
+        adapt_pretrained(tmp_path / "base", **vocab, overrides={"num_layers": 4, "paired_control": True})
+    with pytest.raises(ValueError, match="context_conditioning was removed"):
+        pdiff.PerturbDiffConfig(num_genes=3, context_conditioning=False)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        adapt_pretrained(tmp_path / "nowhere", **vocab)
 
 
 def test_finetuning_can_switch_paired_control_on_and_keeps_it(tiny_model, tiny_config, tmp_path):
-    from perturbdiff.trainer import TrainConfig, base_model_factory
+    from perturbdiff.adapt import adapt_pretrained
 
     tiny_model.save_pretrained(tmp_path / "base")
     vocab = {"gene_names": tiny_config.gene_names, "perturbation_names": ["control"],
              "context_names": [], "batch_names": []}
-    cfg = TrainConfig()
-    cfg.model.base = str(tmp_path / "base")
-    cfg.model.overrides = {"paired_control": True}
-    model = base_model_factory(cfg)(vocab)
+    model = adapt_pretrained(tmp_path / "base", **vocab, overrides={"paired_control": True}, log=lambda _: None)
     assert model.config.paired_control and model.pair_embed is not None  # a new module, freshly initialised
     torch.testing.assert_close(model.x_embed.weight, tiny_model.x_embed.weight)  # the rest is carried over
     # a paired model's pair_embed columns follow their genes into a new gene order
@@ -82,5 +80,5 @@ def test_finetuning_can_switch_paired_control_on_and_keeps_it(tiny_model, tiny_c
     reordered, _ = adapt_model(model, gene_names=list(reversed(tiny_config.gene_names)))
     torch.testing.assert_close(reordered.pair_embed.weight, model.pair_embed.weight.flip(1))
     # ... and switching it off again drops the module
-    cfg.model.base, cfg.model.overrides = str(tmp_path / "paired"), {"paired_control": False}
-    assert base_model_factory(cfg)(vocab).pair_embed is None
+    assert adapt_pretrained(tmp_path / "paired", **vocab, overrides={"paired_control": False},
+                            log=lambda _: None).pair_embed is None

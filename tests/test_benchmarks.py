@@ -19,7 +19,9 @@ def _screen(rng, genes=40, cells=60):
             blocks.append(np.clip(prof + shift + rng.normal(0, 0.1, (cells, genes)), 0, 10))
             obs += [(p, c)] * cells
     obs = pd.DataFrame(obs, columns=["condition", "cell_type"], index=[f"c{i}" for i in range(len(obs))])
-    screen = ad.AnnData(np.concatenate(blocks).astype(np.float32), obs=obs)
+    expressed = np.expm1(np.concatenate(blocks))  # log1p-normalised as a screen ships it: totals 1e4
+    X = np.log1p(expressed / expressed.sum(1, keepdims=True) * 1e4)
+    screen = ad.AnnData(X.astype(np.float32), obs=obs)
     screen.var_names = [f"g{i}" for i in range(genes)]
     return screen
 

@@ -1,20 +1,20 @@
 import pytest
 
-import perturbdiff as pd
+import perturbdiff as pdiff
 
 
 def test_presets_have_the_papers_base_size():
-    cfg = pd.PerturbDiffConfig.from_preset("base", num_genes=2000)
+    cfg = pdiff.PerturbDiffConfig.from_preset("base", num_genes=2000)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads) == (512, 8, 8)
     for name in ("debug", "small", "base", "large"):
-        assert pd.PerturbDiffConfig.from_preset(name, num_genes=10).hidden_size == pd.MODEL_PRESETS[name]["hidden_size"]
+        assert pdiff.PerturbDiffConfig.from_preset(name, num_genes=10).hidden_size == pdiff.MODEL_PRESETS[name]["hidden_size"]
     with pytest.raises(ValueError, match="unknown preset"):
-        pd.PerturbDiffConfig.from_preset("huge", num_genes=10)
+        pdiff.PerturbDiffConfig.from_preset("huge", num_genes=10)
 
 
 def test_names_in_ids_inside(tiny_config):
     ids = tiny_config.encode("perturbation", ["IFNB", None, "control"])
-    assert ids.tolist() == [2, pd.NULL_ID, 1]
+    assert ids.tolist() == [2, pdiff.NULL_ID, 1]
     assert tiny_config.decode("perturbation", ids) == ["IFNB", None, "control"]
     assert tiny_config.num_ids("context") == 3
 
@@ -36,20 +36,20 @@ def test_gene_mismatch_reports_shared_and_missing(tiny_config):
 
 def test_invalid_configs_raise():
     with pytest.raises(ValueError, match="gene_names or num_genes"):
-        pd.PerturbDiffConfig()
+        pdiff.PerturbDiffConfig()
     with pytest.raises(ValueError, match="num_genes=3 but gene_names has 2"):
-        pd.PerturbDiffConfig(gene_names=["a", "b"], num_genes=3)
+        pdiff.PerturbDiffConfig(gene_names=["a", "b"], num_genes=3)
     with pytest.raises(ValueError, match="duplicates"):
-        pd.PerturbDiffConfig(gene_names=["a", "a"])
+        pdiff.PerturbDiffConfig(gene_names=["a", "a"])
     with pytest.raises(ValueError, match="beta_schedule"):
-        pd.PerturbDiffConfig(num_genes=3, beta_schedule="sigmoid")
+        pdiff.PerturbDiffConfig(num_genes=3, beta_schedule="sigmoid")
     with pytest.raises(ValueError, match="divisible"):
-        pd.PerturbDiffConfig(num_genes=3, hidden_size=30, num_heads=4)
+        pdiff.PerturbDiffConfig(num_genes=3, hidden_size=30, num_heads=4)
 
 
 def test_config_round_trips_through_json(tiny_config, tmp_path):
     tiny_config.save_pretrained(tmp_path)
-    loaded = pd.PerturbDiffConfig.from_pretrained(tmp_path)
+    loaded = pdiff.PerturbDiffConfig.from_pretrained(tmp_path)
     assert loaded.gene_names == tiny_config.gene_names
     assert loaded.perturbation_names == tiny_config.perturbation_names
-    assert loaded.norm == pd.Normalization(target_sum=1e4, log1p=True, scale=10.0)
+    assert loaded.norm == pdiff.Normalization(target_sum=1e4, log1p=True, scale=10.0)

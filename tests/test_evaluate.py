@@ -162,7 +162,7 @@ def test_cli_evaluate(split, tmp_path, capsys):
 
 def test_split_for_evaluation_matches_the_training_split():
     from perturbdiff.data import SplitSpec
-    from perturbdiff.evaluation import split_for_evaluation
+    from perturbdiff.data.splits import split_for_evaluation
 
     screen = synthetic_screen(n_genes=8, n_cells=5)
     spec = SplitSpec.held_out(["T", "M"], ["A", "B"])

@@ -4,7 +4,7 @@ real ones than the control set and than the control set shifted by the true mean
 
 import torch
 
-import perturbdiff as pd
+import perturbdiff as pdiff
 
 G, M, K = 24, 32, 4
 SIGMA_CONTROL = 0.1
@@ -31,9 +31,9 @@ def make_task(seed=0):
 def test_debug_model_learns_mean_and_spread_of_perturbations():
     cells = make_task()
     torch.manual_seed(0)
-    config = pd.PerturbDiffConfig.from_preset("debug", num_genes=G, perturbation_names=[f"p{k}" for k in range(K)])
-    model = pd.PerturbDiffModel(config)
-    diff = pd.GaussianDiffusion.from_config(config)
+    config = pdiff.PerturbDiffConfig.from_preset("debug", num_genes=G, perturbation_names=[f"p{k}" for k in range(K)])
+    model = pdiff.PerturbDiffModel(config)
+    diff = pdiff.GaussianDiffusion.from_config(config)
     steps, B = 600, 16
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -46,7 +46,7 @@ def test_debug_model_learns_mean_and_spread_of_perturbations():
             "control": torch.stack([cells(-1, M, g) for _ in ks]),
             "perturbation": ks + 1,
         }
-        out = pd.training_step(model, diff, batch, pd.CONDITIONAL, generator=g)
+        out = pdiff.training_step(model, diff, batch, pdiff.CONDITIONAL, generator=g)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -58,13 +58,13 @@ def test_debug_model_learns_mean_and_spread_of_perturbations():
     for k in range(K):
         real = cells(k, 256, eg)
         control = torch.stack([cells(-1, M, eg) for _ in range(8)])  # 8 sets of M cells
-        pred = pd.sample_sets(model, diff, control=control, perturbation=torch.full((8,), k + 1),
+        pred = pdiff.sample_sets(model, diff, control=control, perturbation=torch.full((8,), k + 1),
                               num_steps=50, generator=eg).reshape(-1, G)
         control = control.reshape(-1, G)
         mean_shifted = control + (real.mean(0) - control.mean(0))
-        ed_model = pd.energy_distance(pred, real).item()
-        ed_control = pd.energy_distance(control, real).item()
-        ed_shift = pd.energy_distance(mean_shifted, real).item()
+        ed_model = pdiff.energy_distance(pred, real).item()
+        ed_control = pdiff.energy_distance(control, real).item()
+        ed_shift = pdiff.energy_distance(mean_shifted, real).item()
         assert ed_model < ed_control, (k, ed_model, ed_control)
         assert ed_model < ed_shift, (k, ed_model, ed_shift)
 
@@ -83,10 +83,10 @@ def test_paired_model_carries_an_unseen_cell_types_identity_over_from_its_contro
         return (mu[kind] + (shift if perturbed else 0) + SIGMA_CONTROL * torch.randn(n, G, generator=gen)).clamp_min(0)
 
     torch.manual_seed(0)
-    config = pd.PerturbDiffConfig.from_preset("debug", num_genes=G, perturbation_names=["p"],
+    config = pdiff.PerturbDiffConfig.from_preset("debug", num_genes=G, perturbation_names=["p"],
                                               context_names=["A", "B", "C", "D"], paired_control=True)
-    model = pd.PerturbDiffModel(config)
-    diff = pd.GaussianDiffusion.from_config(config)
+    model = pdiff.PerturbDiffModel(config)
+    diff = pdiff.GaussianDiffusion.from_config(config)
     steps, B = 300, 16
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -95,7 +95,7 @@ def test_paired_model_carries_an_unseen_cell_types_identity_over_from_its_contro
         batch = {"x0": torch.stack([cells(int(k), True, M, g) for k in kinds]),
                  "control": torch.stack([cells(int(k), False, M, g) for k in kinds]),
                  "perturbation": torch.ones(B, dtype=torch.long), "context": kinds + 1}
-        out = pd.training_step(model, diff, batch, pd.CONDITIONAL, generator=g)
+        out = pdiff.training_step(model, diff, batch, pdiff.CONDITIONAL, generator=g)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -103,13 +103,13 @@ def test_paired_model_carries_an_unseen_cell_types_identity_over_from_its_contro
 
     eg = torch.Generator().manual_seed(2)
     control = torch.stack([cells(3, False, M, eg) for _ in range(8)])
-    pred = pd.sample_sets(model, diff, control=control, perturbation=torch.ones(8, dtype=torch.long),
+    pred = pdiff.sample_sets(model, diff, control=control, perturbation=torch.ones(8, dtype=torch.long),
                           context=torch.full((8,), 4), num_steps=20, generator=eg).reshape(-1, G)
     real = cells(3, True, 256, eg)
     change = pred.mean(0) - control.reshape(-1, G).mean(0)
     nearest = min(range(3), key=lambda k: float((mu[k] - mu[3]).abs().sum()))
     assert (pred.mean(0) - real.mean(0)).abs().max() < 0.2  # the held-out type's own profile
     assert (change[response] - 0.3).abs().max() < 0.1  # with the response added
-    ed = pd.energy_distance(pred, real)
-    assert ed < 0.5 * pd.energy_distance(control.reshape(-1, G), real)
-    assert ed < 0.5 * pd.energy_distance(cells(nearest, True, 256, eg), real)  # not the nearest seen type
+    ed = pdiff.energy_distance(pred, real)
+    assert ed < 0.5 * pdiff.energy_distance(control.reshape(-1, G), real)
+    assert ed < 0.5 * pdiff.energy_distance(cells(nearest, True, 256, eg), real)  # not the nearest seen type

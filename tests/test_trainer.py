@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import perturbdiff as pd
+import perturbdiff as pdiff
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "pretrain" / "run.py"
@@ -58,14 +58,16 @@ def metrics(out) -> dict[int, dict]:
 def check_export(out, steps: int):
     export = Path(out) / "model"
     names = sorted(p.name for p in export.iterdir())
-    assert names == ["README.md", "config.json", "model.safetensors", "vocabularies.json"], names
+    assert names == ["README.md", "config.json", "model.safetensors"], names
     model = AutoModel.from_pretrained(export)
-    assert isinstance(model, pd.PerturbDiffModel)
-    vocab = json.loads((export / "vocabularies.json").read_text())
-    assert vocab["genes"] == model.config.gene_names and len(vocab["genes"]) == model.config.num_genes
+    assert isinstance(model, pdiff.PerturbDiffModel)
+    # config.json carries what prediction needs: genes, normalisation, the training set size
+    saved = json.loads((export / "config.json").read_text())
+    assert saved["gene_names"] == model.config.gene_names and len(saved["gene_names"]) == model.config.num_genes
+    assert saved["set_size"] == 16 and saved["normalization"] == {"target_sum": 1e4, "log1p": True, "scale": 10.0}
     card = (export / "README.md").read_text()
     assert f"steps: {steps}" in card and "objective: marginal" in card and "val_loss" in card
-    sets = pd.sample_sets(model, num_sets=2, num_cells=8, num_steps=4, generator=torch.Generator().manual_seed(0))
+    sets = pdiff.sample_sets(model, num_sets=2, num_cells=8, num_steps=4, generator=torch.Generator().manual_seed(0))
     assert sets.shape == (2, 8, model.config.num_genes) and torch.isfinite(sets).all() and (sets >= 0).all()
     return model
 
@@ -100,8 +102,8 @@ def test_resumed_run_continues_with_identical_losses(env, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
-    sa = pd.PerturbDiffModel.from_pretrained(full / "model").state_dict()
-    sb = pd.PerturbDiffModel.from_pretrained(split / "model").state_dict()
+    sa = pdiff.PerturbDiffModel.from_pretrained(full / "model").state_dict()
+    sb = pdiff.PerturbDiffModel.from_pretrained(split / "model").state_dict()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
 
@@ -183,8 +185,8 @@ def test_finetune_from_a_pretrained_export_on_an_h5ad_screen(env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "conditional training" in proc.stdout and "genes 200 kept" in proc.stdout
     assert (out / "atlases" / "screen.zarr").exists()
-    base_model = pd.PerturbDiffModel.from_pretrained(base / "model")
-    model = pd.PerturbDiffModel.from_pretrained(out / "model")
+    base_model = pdiff.PerturbDiffModel.from_pretrained(base / "model")
+    model = pdiff.PerturbDiffModel.from_pretrained(out / "model")
     c = model.config
     assert c.gene_names[:200] == base_model.config.gene_names  # base genes first, same ids
     assert len(c.gene_names) > 200  # the screen's own genes were added
@@ -193,7 +195,7 @@ def test_finetune_from_a_pretrained_export_on_an_h5ad_screen(env, tmp_path):
     card = (out / "model" / "README.md").read_text()
     assert "objective: conditional" in card and f"base model: {base / 'model'}" in card and "screen.h5ad" in card
     ctrl = torch.rand(2, 8, c.num_genes)
-    sets = pd.sample_sets(model, control=ctrl, perturbation=c.encode("perturbation", ["PERT1", "PERT1"]),
+    sets = pdiff.sample_sets(model, control=ctrl, perturbation=c.encode("perturbation", ["PERT1", "PERT1"]),
                           context=c.encode("context", ["A549", "A549"]), num_steps=4)
     assert sets.shape == ctrl.shape and torch.isfinite(sets).all()
 

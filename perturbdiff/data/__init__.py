@@ -17,6 +17,7 @@ import importlib
 
 _EXPORTS = {
     "build_atlas": "builder",
+    "ensure_atlas": "builder",
     "highly_variable_genes": "builder",
     "Atlas": "store",
     "AtlasWriter": "store",
@@ -33,9 +34,11 @@ _EXPORTS = {
     "gene_vocabulary": "vocab",
     "gene_presence": "vocab",
     "atlas_vocabularies": "vocab",
-    "covariate_ids": "vocab",
     "read_gene_list": "vocab",
     "SplitSpec": "splits",
+    "with_validation_groups": "splits",
+    "split_for_evaluation": "splits",
+    "pair_control_sets": "pairing",
     "make_synthetic_adata": "synthetic",
     "make_synthetic_atlas": "synthetic",
     "write_synthetic_h5ad": "synthetic",

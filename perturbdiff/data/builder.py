@@ -14,6 +14,9 @@ The build streams in two passes and never loads X:
 Memory is bounded by the block size plus a few bytes of metadata per cell (group codes and the
 sort order), never by X. The store is written to a temporary sibling and renamed into place only
 once complete (see `AtlasWriter`).
+
+The module is longer than most (~580 lines): the two passes, their validation and the block
+reader share state that would only be passed around if split.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..expression import log1p_to_counts
 from .sources import open_sources
 from .store import GROUP_KEYS, AtlasWriter
 
-__all__ = ["build_atlas", "highly_variable_genes"]
+__all__ = ["build_atlas", "ensure_atlas", "highly_variable_genes"]
 
 _NA = "NA"
 _STATS_TARGET = 1e4  # per-cell total used for the gene statistics behind the HVG flags
@@ -567,3 +570,28 @@ def _check_controls(groups: pd.DataFrame, control_label: str) -> None:
             f"no control cells (label {control_label!r}) in {len(where)} (dataset/context) with perturbed cells: "
             f"{_show(where)}; every context with perturbed cells needs its controls"
         )
+
+
+def ensure_atlas(path, built_dir, *, progress: bool = True, log=print, **build_kwargs) -> Path:
+    """An atlas to train on from ``path``: an atlas as it is, or an ``.h5ad`` built once into ``built_dir``.
+
+    ``built_dir/<stem>.zarr`` is reused when it is a complete atlas, else (re)built with the
+    ``build_atlas`` arguments given (column mapping, ``input_log1p``, ...).
+    """
+    from .store import Atlas, AtlasError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"atlas {path} does not exist (build one with `perturbdiff atlas build`)")
+    if path.suffix != ".h5ad":
+        return path
+    built = Path(built_dir) / f"{path.stem}.zarr"
+    if built.exists():
+        try:
+            Atlas(built)
+            return built
+        except AtlasError:
+            pass
+    log(f"building atlas {built} from {path}")
+    build_atlas(path, built, overwrite=True, progress=progress, **build_kwargs)
+    return built

@@ -33,10 +33,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..configuration import NULL_ID, encode_names
 from ..expression import Normalization, gene_columns, normalize_csr
+from .pairing import pair_order
 from .splits import as_split_spec
 from .store import Atlas
 from .vocab import atlas_vocabularies, gene_vocabulary
@@ -136,12 +139,14 @@ class CellSetDataset(IterableDataset):
         gene_names: target gene vocabulary (default: `gene_vocabulary` of the atlases); genes an
             atlas lacks are zero and listed in ``gene_presence``.
         perturbation_names, context_names, batch_names: covariate vocabularies (default:
-            `atlas_vocabularies`); id = position + 1, names outside a vocabulary get id 0.
+            `atlas_vocabularies`); id = position + 1, a name outside a vocabulary is an error.
         mode: "conditional" (perturbed sets with matched control sets) or "marginal" (sets from every
             group, controls included, with no perturbation label and no control set: pretraining).
         split: which split to stream: "train", "val", "test" or "all".
         held_out: a `SplitSpec`, a split-file path (STATE TOML or JSON) or dict; None: all is train.
-        include_control_sets: in conditional mode, also yield control groups as target sets.
+        pair_controls: in conditional mode, reorder each control set so that its cell i is the
+            optimal-transport partner of the perturbed set's cell i (`perturbdiff.data.pairing`;
+            what a ``paired_control`` model trains on).
         seed: seed of all sampling; batches are a function of (seed, epoch, rank, world_size).
         rank, world_size: this process's shard.
         drop_last: drop the epoch's tail instead of padding it (see module docstring).
@@ -173,7 +178,7 @@ class CellSetDataset(IterableDataset):
         mode: str = "conditional",
         split: str = "train",
         held_out=None,
-        include_control_sets: bool = False,
+        pair_controls: bool = False,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -199,7 +204,9 @@ class CellSetDataset(IterableDataset):
         self.set_size, self.batch_size = int(set_size), int(batch_size)
         self.normalization = normalization or Normalization()
         self.mode, self.split = mode, split
-        self.include_control_sets = include_control_sets
+        if pair_controls and mode != "conditional":
+            raise ValueError("pair_controls needs mode='conditional' (marginal sets have no control set)")
+        self.pair_controls = bool(pair_controls)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.drop_last = drop_last
         self.return_set_ids = return_set_ids
@@ -228,15 +235,15 @@ class CellSetDataset(IterableDataset):
             src.group_offset = offset
             offset += len(src.groups)
             g = src.groups
-            src.ids = {
-                "perturbation": self._ids(g["perturbation"], self.perturbation_names, "perturbation"),
-                "context": self._ids(g["context"], self.context_names, "context"),
-                "batch": self._ids(g["batch"], self.batch_names, "batch"),
-            }
+            known_as = "the loader's vocabulary"
+            src.ids = {key: encode_names(g[key], names, key, known_as) for key, names in
+                       (("context", self.context_names), ("batch", self.batch_names))}
             src.dose = g["dose"].to_numpy(np.float32)
-            if mode == "marginal":
-                src.ids["perturbation"] = np.zeros(len(g), dtype=np.int64)
+            if mode == "marginal":  # no perturbation label and no dose in the marginal stage
+                src.ids["perturbation"] = np.full(len(g), NULL_ID, dtype=np.int64)
                 src.dose = np.zeros(len(g), dtype=np.float32)
+            else:
+                src.ids["perturbation"] = encode_names(g["perturbation"], self.perturbation_names, "perturbation", known_as)
         self.absent_genes = {
             str(src.path): [g for g, p in zip(self.gene_names, self.gene_presence[src.index]) if not p]
             for src in self.sources
@@ -260,7 +267,7 @@ class CellSetDataset(IterableDataset):
                     dtype=bool,
                 )
             eligible = in_split & (src.size > 0)
-            if mode == "conditional" and not include_control_sets:
+            if mode == "conditional":
                 eligible &= ~src.is_control
             gids = np.flatnonzero(eligible)
             if mode == "conditional":
@@ -303,17 +310,6 @@ class CellSetDataset(IterableDataset):
 
     # -- setup helpers -----------------------------------------------------------------------------
 
-    def _ids(self, names, vocabulary, what) -> np.ndarray:
-        index = {n: i + 1 for i, n in enumerate(vocabulary)}
-        names = [str(n) for n in names]
-        unknown = sorted({n for n in names if n not in index})
-        if unknown and not (what == "perturbation" and self.mode == "marginal"):
-            warnings.warn(
-                f"{len(unknown)} {what} name(s) are not in the given vocabulary and get the null id 0: {unknown[:10]}",
-                stacklevel=3,
-            )
-        return np.array([index.get(n, 0) for n in names], dtype=np.int64)
-
     def _control_pools(self, src: _Source, gids: np.ndarray) -> dict:
         g = src.groups
         ctrl = np.flatnonzero(src.is_control & (src.size > 0))
@@ -325,13 +321,13 @@ class CellSetDataset(IterableDataset):
         pools, missing = {}, []
         for i in gids:
             key = (g["dataset"].iat[i], g["context"].iat[i])
-            cands = by_batch.get(key + (g["batch"].iat[i],)) or by_context.get(key)
-            if not cands:
+            candidates = by_batch.get(key + (g["batch"].iat[i],)) or by_context.get(key)
+            if not candidates:
                 missing.append(f"{key[0]}/{key[1]}")
                 continue
-            cands = np.asarray(cands, dtype=np.int64)
-            sizes = src.size[cands].astype(float)
-            pools[int(i)] = (cands, sizes / sizes.sum())
+            candidates = np.asarray(candidates, dtype=np.int64)
+            sizes = src.size[candidates].astype(float)
+            pools[int(i)] = (candidates, sizes / sizes.sum())
         if missing:
             raise ValueError(
                 f"atlas {src.path}: no control cells for {len(set(missing))} (dataset/context): {sorted(set(missing))[:10]}; "
@@ -440,15 +436,10 @@ class CellSetDataset(IterableDataset):
             offset = np.random.default_rng([self.seed, epoch, s, g, p, 2]).integers(src.size[g])
             plan = {"source": src, "group": int(g), "x0": self._set_plan(src, g, int(offset) + int(k) * m, rng)}
             if conditional:
-                cands, probs = src.controls[int(g)]
-                cg = int(cands[0] if len(cands) == 1 else rng.choice(cands, p=probs))
-                n = int(src.size[cg])
-                if cg == g and n >= 2 * m:
-                    # a control group as the target: its control set is a window disjoint from the target's
-                    pos = int(offset) + int(k) * m + m + int(rng.integers(n - 2 * m + 1))
-                else:
-                    pos = int(rng.integers(n))
-                plan["control"] = self._set_plan(src, cg, pos, rng)
+                candidates, probs = src.controls[int(g)]
+                control_group = int(candidates[0] if len(candidates) == 1 else rng.choice(candidates, p=probs))
+                pos = int(rng.integers(int(src.size[control_group])))
+                plan["control"] = self._set_plan(src, control_group, pos, rng)
             plans.append(plan)
         return plans
 
@@ -487,17 +478,29 @@ class CellSetDataset(IterableDataset):
         if conditional:
             sets += [(self._read_set(p["source"], p["control"]), p["source"]) for p in plans]
         B = len(items)
+        indptr, cols, values = self._normalise(sets)
+        dense = None
+        if not self.sparse or self.pair_controls:
+            # scipy's CSR-to-dense writes row by row: faster than a flat scatter
+            dense = sp.csr_matrix((values, cols, indptr), shape=(len(indptr) - 1, G)).toarray().reshape(-1, m, G)
+        order = None
+        if self.pair_controls:  # control cell i of each set becomes perturbed cell i's OT partner
+            order = pair_order(torch.from_numpy(dense[:B]), torch.from_numpy(dense[B:]))  # [B, m]
         if self.sparse:
-            indptr, cols, values = self._normalise(sets)
             split = int(indptr[B * m])
             batch = {"x0": SparseSets.from_numpy(indptr[: B * m + 1], cols[:split], values[:split], (B, m, G))}
             if conditional:
-                batch["control"] = SparseSets.from_numpy(indptr[B * m :] - split, cols[split:], values[split:], (B, m, G))
+                ctrl = (indptr[B * m :] - split, cols[split:], values[split:])
+                if order is not None:
+                    ctrl = _take_rows(*ctrl, (order + np.arange(B)[:, None] * m).ravel())
+                batch["control"] = SparseSets.from_numpy(*ctrl, (B, m, G))
         else:
-            dense = self._densify(sets)
-            batch = {"x0": torch.from_numpy(dense[: B * m].reshape(B, m, G))}
+            batch = {"x0": torch.from_numpy(dense[:B])}
             if conditional:
-                batch["control"] = torch.from_numpy(dense[B * m :].reshape(B, m, G))
+                control = dense[B:]
+                if order is not None:
+                    control = np.take_along_axis(control, order[:, :, None], axis=1)
+                batch["control"] = torch.from_numpy(np.ascontiguousarray(control))
         meta = [(p["source"], p["group"]) for p in plans]
         for key in ("perturbation", "context", "batch"):
             batch[key] = torch.tensor([src.ids[key][g] for src, g in meta], dtype=torch.int64)
@@ -506,16 +509,6 @@ class CellSetDataset(IterableDataset):
         if self.return_set_ids:
             batch["set_id"] = torch.from_numpy(items[:, 4].copy())
         return batch
-
-    def _densify(self, sets) -> np.ndarray:
-        """Normalise CSR sets and scatter them into a dense [sets * m, G] float32 array."""
-        import scipy.sparse as sp
-
-        indptr, cols, values = self._normalise(sets)
-        n_rows = len(indptr) - 1
-        assert n_rows == len(sets) * self.set_size
-        # scipy's CSR-to-dense writes row by row: faster than a flat scatter
-        return sp.csr_matrix((values, cols, indptr), shape=(n_rows, self.num_genes)).toarray()
 
     def _normalise(self, sets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The sets' rows as one normalised CSR in the gene vocabulary: indptr int64, cols int32, values float32."""

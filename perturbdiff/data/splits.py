@@ -1,4 +1,4 @@
-"""Train / val / test splits of an atlas's groups, as in the paper: the test set is
+"""Train / val / test splits, as in the paper: the test set is
 *held-out context ∩ held-out perturbation* (each held-out perturbation is seen in other contexts,
 each held-out context with other perturbations).
 
@@ -18,7 +18,9 @@ A split is given either as lists (`SplitSpec.held_out`) or as a file in STATE's 
     val = ["stim"]
     test = ["stim"]                  # may overlap with val
 
-A JSON file with the same keys is accepted too. Control groups are never held out by a perturbation
+A JSON file with the same keys is accepted too. This module is the one home of split rules: the
+trainer's validation groups (`with_validation_groups`) and the AnnData cut for prediction and
+evaluation (`split_for_evaluation`) are here too, so training and evaluation agree. Control groups are never held out by a perturbation
 list (they are every split's control pool); they follow their context's zeroshot rule and, in the
 loader's conditional mode, serve as controls for every split.
 """
@@ -29,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SplitSpec", "SPLITS"]
+__all__ = ["SplitSpec", "SPLITS", "as_split_spec", "with_validation_groups", "split_for_evaluation"]
 
 SPLITS = ("train", "val", "test")
 
@@ -143,3 +145,100 @@ def as_split_spec(value) -> SplitSpec | None:
     if isinstance(value, dict):
         return SplitSpec.from_dict(value)
     return SplitSpec.load(value)
+
+
+# --------------------------------------------------------------------------- validation groups
+def with_validation_groups(spec, atlases, fraction: float, seed: int):
+    """Add a ``val`` split of about ``fraction`` of the training (context, perturbation) pairs.
+
+    Used when the split given has no validation groups (or no split is given); controls are never
+    held out (they are every split's control pool). Returns ``spec`` unchanged for fraction 0.
+    """
+    import numpy as np
+
+    if fraction <= 0:
+        return spec
+    pairs = []
+    for atlas in atlases:
+        g = atlas.groups
+        for ds, ctx, pert, ctl in zip(g["dataset"], g["context"], g["perturbation"], g["is_control"]):
+            if ctl:
+                continue
+            splits = spec.assign(ds, ctx, pert, False) if spec is not None else frozenset(["train"])
+            if "val" in splits:
+                return spec  # the split already has validation groups
+            if splits == frozenset(["train"]):
+                pairs.append((f"{ds}.{ctx}", str(pert)))
+    pairs = sorted(set(pairs))
+    if not pairs:
+        return spec
+    rng = np.random.default_rng(seed)
+    k = max(1, round(fraction * len(pairs)))
+    if k >= len(pairs):
+        return spec
+    chosen = [pairs[i] for i in rng.choice(len(pairs), size=k, replace=False)]
+    fewshot = {key: dict(parts) for key, parts in (spec.fewshot if spec is not None else {}).items()}
+    for key, pert in chosen:
+        fewshot.setdefault(key, {})
+        fewshot[key]["val"] = frozenset(fewshot[key].get("val", frozenset()) | {pert})
+    return SplitSpec(training=spec.training if spec else None, zeroshot=dict(spec.zeroshot) if spec else {}, fewshot=fewshot)
+
+
+# --------------------------------------------------------------------------- cutting an AnnData
+def split_for_evaluation(
+    adata,
+    held_out,
+    *,
+    perturbation_key: str = "perturbation",
+    context_key: str = "context",
+    control_label: str = "control",
+    dataset: str | None = None,
+    dataset_key: str | None = None,
+    split: str = "test",
+) -> dict:
+    """Cut a screen into the AnnData that ``predict`` and ``evaluate`` take, by a training split.
+
+    The split is the one the trainer uses (a ``SplitSpec``, a split file or its dict; e.g.
+    ``SplitSpec.held_out(contexts, perturbations)``: held-out context ∩ held-out perturbation), so
+    the evaluation sees exactly the cells the model was not trained on.
+
+    Args:
+        adata: the whole screen (counts or log1p; nothing is normalised here).
+        held_out: the split (``SplitSpec``, path to a STATE TOML / JSON split file, or dict).
+        perturbation_key, context_key, control_label: obs columns and the control value.
+        dataset, dataset_key: the dataset name the split's "dataset.context" keys refer to: a fixed
+            name or an obs column (keys without a dataset prefix match any dataset).
+        split: the split to evaluate (``"test"`` or ``"val"``).
+
+    Returns:
+        ``{"real": held-out cells + the control cells of their contexts, "train": the cells of the
+        training split (controls included), "control": the control cells of the held-out contexts}``
+        (copies; same genes and obs as ``adata``). Raises ``ValueError`` when the split selects no cell.
+    """
+    import numpy as np
+    import pandas as pd
+
+    spec = as_split_spec(held_out)
+    if spec is None:
+        raise ValueError("split_for_evaluation needs a split (held_out)")
+    obs = adata.obs
+    for key, flag in ((perturbation_key, "perturbation_key"), (context_key, "context_key"), (dataset_key, "dataset_key")):
+        if key is not None and key not in obs.columns:
+            raise ValueError(f"obs has no column {key!r} ({flag}); columns: {list(obs.columns)}")
+    pert = obs[perturbation_key].astype(str).to_numpy()
+    ctx = obs[context_key].astype(str).to_numpy()
+    ds = obs[dataset_key].astype(str).to_numpy() if dataset_key else np.full(len(obs), dataset or "")
+    is_ctrl = pert == control_label
+    if not is_ctrl.any():
+        raise ValueError(f"no control cells: label {control_label!r} not in obs[{perturbation_key!r}]")
+    keys = pd.MultiIndex.from_arrays([ds, ctx, pert, is_ctrl])
+    codes, groups = pd.factorize(keys)
+    assigned = [spec.assign(d, c, p, bool(k)) for d, c, p, k in groups]
+    in_split = np.array([split in a for a in assigned])[codes]
+    in_train = np.array(["train" in a for a in assigned])[codes]
+    held = in_split & ~is_ctrl
+    if not held.any():
+        raise ValueError(f"the split selects no perturbed cell for {split!r}")
+    contexts = np.unique(ctx[held])
+    ctrl_rows = is_ctrl & np.isin(ctx, contexts)
+    return {"real": adata[held | ctrl_rows].copy(), "train": adata[in_train].copy(), "control": adata[ctrl_rows].copy()}

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..files import atomic_write
+
 __all__ = [
     "CONTROL_LABEL",
     "make_synthetic_adata",
@@ -226,9 +228,9 @@ def write_synthetic_h5ad(
     runs = [runs[i] for i in rng.permutation(len(runs))]
     run_group = np.repeat([r[0] for r in runs], [r[1] for r in runs])
 
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     opts = dict(compression=compression) if compression else {}
-    try:
+
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.attrs["encoding-type"] = "anndata"
             f.attrs["encoding-version"] = "0.1.0"
@@ -279,11 +281,8 @@ def write_synthetic_h5ad(
             write_elem(f, "var", pd.DataFrame(index=_names("GENE", G, 4)))
             for k in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
                 write_elem(f, k, {})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, write)
 
 
 def make_synthetic_atlas(

@@ -5,10 +5,10 @@ atlas's highly variable genes (``var["highly_variable"]``, flagged at build time
 mapped into it on read: genes the atlas does not measure are zero and are recorded as absent
 (`gene_presence`).
 
-Covariates: ids are 1-based positions in a sorted name list; id 0 is reserved for the null/unknown
-value (classifier-free guidance's null token, names outside the vocabulary, and the perturbation of
-marginal-mode sets). The control label *is* part of the perturbation vocabulary, so that a model can
-be conditioned on "control" (e.g. when control sets are trained as targets).
+Covariates: ids are 1-based positions in a sorted name list (`perturbdiff.configuration.encode_names`,
+the one encoder: a name outside the vocabulary is an error); id 0 is the null id (classifier-free
+guidance's null token, and the perturbation of marginal-mode sets). The control label is part of
+the perturbation vocabulary.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from .store import Atlas
 
-__all__ = ["gene_vocabulary", "atlas_vocabularies", "gene_presence", "read_gene_list", "covariate_ids"]
+__all__ = ["gene_vocabulary", "atlas_vocabularies", "gene_presence", "read_gene_list"]
 
 
 def _atlases(atlases) -> list[Atlas]:
@@ -91,9 +91,3 @@ def atlas_vocabularies(atlases) -> dict[str, list[str]]:
         for k in out:
             out[k].update(str(v) for v in a.groups[k].unique())
     return {k: sorted(v) for k, v in out.items()}
-
-
-def covariate_ids(names, vocabulary: list[str]) -> np.ndarray:
-    """Ids of ``names`` in ``vocabulary`` (position + 1; names outside it get the null id 0)."""
-    index = {n: i + 1 for i, n in enumerate(vocabulary)}
-    return np.array([index.get(str(n), 0) for n in names], dtype=np.int64)

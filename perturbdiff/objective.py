@@ -1,7 +1,9 @@
-"""One training step and the set sampler, as plain functions of (model, diffusion, batch).
+"""The objective: one training step and the set sampler, as plain functions of (model, diffusion, batch).
 
 The distributed trainer, finetuning and prediction all call these; nothing here knows about
-processes, devices beyond the tensors' own, or data files.
+processes, devices beyond the tensors' own, or data files. Paired models (``paired_control``) get
+their control sets already paired cell by cell with the perturbed sets (the loader does it,
+`perturbdiff.data.pairing`).
 
 A *batch* is a dict of tensors (the loader's format):
     x0            float [B, m, G]   the true perturbed sets (normalised expression)
@@ -13,49 +15,61 @@ A *batch* is a dict of tensors (the loader's format):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from .diffusion import GaussianDiffusion
 from .losses import set_loss
 
-__all__ = ["Objective", "MARGINAL", "CONDITIONAL", "training_step", "sample_sets", "scale_genes", "pair_cells"]
+__all__ = ["Objective", "ObjectiveSettings", "MARGINAL", "CONDITIONAL", "training_step", "sample_sets"]
 
 _COND_KEYS = ("perturbation", "context", "batch", "dose", "perturbation_features")
 
 
-@dataclass(frozen=True)
-class Objective:
-    """What a training step optimises.
+@dataclass
+class ObjectiveSettings:
+    """The tunable part of the objective (the trainer's ``train`` section has these fields too).
 
     Args:
-        use_control: feed the control stream (False for marginal pretraining: it is dropped always).
         cond_drop_prob: probability per set of replacing all covariates by null (guidance training).
-        control_drop_prob: probability per set of hiding its control stream.
         self_cond_prob: probability per step of a no-grad self-conditioning pass.
         mmd_weight, mse_weight: weights of the energy-distance and MSE terms.
-        gene_scale_augment: sigma of a per-set, per-gene factor exp(sigma * z), z ~ N(0, 1), that
-            multiplies the perturbed set and its control set alike (0 = off). A population whose
-            control cells express a gene more must then express it more after the perturbation
-            too, whatever its context label: the model learns to carry the population's identity
-            over from the control set, which is what a cell type never seen in training needs.
     """
 
-    use_control: bool = True
     cond_drop_prob: float = 0.5
-    control_drop_prob: float = 0.0
     self_cond_prob: float = 0.5
     mmd_weight: float = 1.0
     mse_weight: float = 1.0
-    gene_scale_augment: float = 0.0
+
+    def check_objective(self) -> None:
+        """Raise ``ValueError`` naming the field (as ``train.<field>``) on a bad value."""
+        for name in ("cond_drop_prob", "self_cond_prob"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"train.{name} must be a number in [0, 1], got {value!r}")
+        for name in ("mmd_weight", "mse_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"train.{name} must be a number >= 0, got {value!r}")
+
+    def settings(self) -> dict:
+        """The `ObjectiveSettings` fields of this object, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(ObjectiveSettings)}
+
+
+@dataclass
+class Objective(ObjectiveSettings):
+    """What a training step optimises: the settings, and whether the control stream is fed.
+
+    Args:
+        use_control: feed the control stream (False for marginal pretraining: it is dropped always).
+    """
+
+    use_control: bool = True
 
     def __post_init__(self):
-        for name in ("cond_drop_prob", "control_drop_prob", "self_cond_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.gene_scale_augment < 0:
-            raise ValueError(f"gene_scale_augment must be >= 0, got {self.gene_scale_augment}")
+        self.check_objective()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,31 +93,6 @@ def _uniform(n: int, generator, device) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=gen_device).to(device)
 
 
-def scale_genes(x0, control, sigma: float, generator: torch.Generator | None = None):
-    """Multiply gene g of set b by exp(sigma * z[b, g]), z ~ N(0, 1), in the set and its control set alike."""
-    B, G = x0.shape[0], x0.shape[-1]
-    gen_device = generator.device if generator is not None else x0.device
-    z = torch.randn((B, 1, G), generator=generator, device=gen_device, dtype=torch.float32)
-    factor = torch.exp(sigma * z).to(x0.device, x0.dtype)
-    return x0 * factor, (control * factor if control is not None else None)
-
-
-@torch.no_grad()
-def pair_cells(x0: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
-    """The control sets reordered so that control cell i of each set is matched to perturbed cell i.
-
-    The matching is the optimal transport plan between the two sets (equal sizes, uniform weights,
-    squared Euclidean cost), which for equal sets is an assignment: each perturbed cell is paired
-    with the control cell it is closest to as a whole, so the pairs differ mostly by the
-    perturbation's change and not by which cells were drawn.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    cost = torch.cdist(x0.float(), control.float()).pow(2).cpu().numpy()  # [B, m, m]
-    order = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost]).to(control.device)
-    return torch.gather(control, 1, order.unsqueeze(-1).expand_as(control))
-
-
 def training_step(
     model,
     diffusion: GaussianDiffusion,
@@ -114,8 +103,7 @@ def training_step(
 ) -> dict:
     """Noise the sets, predict x_0 and return the loss terms (``loss`` has a graph; call backward).
 
-    Draws one timestep per set, per-set covariate dropout and control dropout, and a
-    self-conditioning pass with probability ``objective.self_cond_prob``. All randomness comes from
+    Draws one timestep per set, per-set covariate dropout, and a self-conditioning pass with probability ``objective.self_cond_prob``. All randomness comes from
     ``generator`` when given, so a step is reproducible from its state. The self-conditioning coin
     changes how many forward passes a step makes, which all processes of a sharded model (ZeRO-3)
     must agree on: a trainer passes a ``shared_generator`` seeded alike on every rank for it.
@@ -125,8 +113,6 @@ def training_step(
     t = diffusion.sample_timesteps(B, generator, device)
     gen_device = generator.device if generator is not None else device
     control = batch.get("control")
-    if objective.gene_scale_augment > 0:
-        x0, control = scale_genes(x0, control, objective.gene_scale_augment, generator)
     noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, x0.dtype)
     x_t = diffusion.add_noise(x0, noise, t)
 
@@ -134,11 +120,7 @@ def training_step(
     if objective.use_control:
         if control is None:
             raise ValueError("the conditional objective needs a 'control' set in the batch")
-        if _config(model).paired_control:
-            control = pair_cells(x0, control)
         cond["control"] = control
-        if objective.control_drop_prob > 0:
-            cond["control_mask"] = _uniform(B, generator, device) >= objective.control_drop_prob
     if objective.cond_drop_prob > 0:
         cond["drop_covariates"] = _uniform(B, generator, device) < objective.cond_drop_prob
 
@@ -173,19 +155,13 @@ def sample_sets(
     guidance_scale: float = 0.0,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    strength: float = 1.0,
 ) -> torch.Tensor:
     """Generate predicted perturbed sets [B, m, G] given control sets and covariate ids.
 
     With ``control`` given, B and m come from it (one generated set per control set); without it,
     pass ``num_sets`` and ``num_cells``. The unconditional pass of guidance drops the covariates
     and keeps the control stream (the control population is the input, not a label).
-    ``strength`` < 1 starts each generated cell from its control cell noised to that fraction of
-    the diffusion (SDEdit) instead of from pure noise: the population keeps more of its controls'
-    identity, the perturbation's change is applied by the remaining steps.
     """
-    if strength < 1.0 and control is None:
-        raise ValueError("strength < 1 starts from the control cells: pass control sets")
     model_was_training = model.training
     model.eval()
     diffusion = diffusion or GaussianDiffusion.from_config(model.config)
@@ -224,7 +200,7 @@ def sample_sets(
         return diffusion.sample(
             denoise, shape, num_steps=num_steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
             self_conditioning=model.config.self_conditioning, generator=generator, device=device, dtype=dtype,
-            progress=progress, init=control, strength=strength,
+            progress=progress,
         )
     finally:
         model.train(model_was_training)

@@ -1,0 +1,165 @@
+"""What a run keeps: resume states (with retention), the EMA of the weights, exports and their card.
+
+Two kinds of checkpoint, as in diffusers / torchtitan:
+
+- a **resume state** ``OUTPUT/checkpoints/step-N/``: Accelerate's (or DeepSpeed's) model and
+  optimizer state, ``ema.safetensors``, and one ``trainer_state_rank{r}.json`` per rank (step,
+  RNG states, loader position). Written into a temporary folder and renamed when every rank is
+  done; ``COMPLETE`` marks it whole; the newest ``keep_last`` are kept.
+- an **export** ``OUTPUT/model/`` (and ``OUTPUT/exports/step-N/``): ``save_pretrained`` with
+  ``config.json`` + ``model.safetensors`` (EMA weights when the EMA is on) and a ``README.md``
+  model card. It loads with ``from_pretrained`` and needs no code from the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..configuration import PerturbDiffConfig
+from ..files import atomic_json
+from ..modeling import PerturbDiffModel
+
+__all__ = ["EMA", "CHECKPOINT_PREFIX", "list_checkpoints", "save_resume_state", "load_trainer_state",
+           "write_export", "model_card", "push_to_hub"]
+
+CHECKPOINT_PREFIX = "step-"
+
+
+# =========================================================================== EMA
+class EMA:
+    """Exponential moving average of the parameters, kept in float32 on every rank.
+
+    Holding full tensors on every rank costs one model copy of memory per process but makes the
+    export a local operation, even under ZeRO-3 (where the update gathers each partitioned
+    parameter for the moment of the update).
+    """
+
+    def __init__(self, named_params, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params}
+
+    @torch.no_grad()
+    def update(self, named_params) -> None:
+        for n, p in named_params:
+            s = self.shadow[n]
+            s.lerp_(p.detach().to(s.device, torch.float32), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.contiguous().cpu() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
+        for n, t in state.items():
+            self.shadow[n].copy_(t)
+
+
+# =========================================================================== resume states
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete resume checkpoints, oldest first (temporary folders of interrupted saves excluded)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "COMPLETE").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_resume_state(accelerator, output_dir: Path, step: int, *, ema: EMA | None, rank_state: dict,
+                      keep_last: int) -> Path:
+    """Write a resume state atomically (a collective: every rank calls it) and prune old ones."""
+    from safetensors.torch import save_file
+
+    acc = accelerator
+    root = output_dir / "checkpoints"
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if ema is not None and acc.is_main_process:
+        save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+    atomic_json(tmp / f"trainer_state_rank{acc.process_index}.json", rank_state)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / "COMPLETE").write_text(str(step))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_trainer_state(ckpt: Path, rank: int, world_size: int) -> dict:
+    """This rank's trainer state of a checkpoint, checked against the run's number of processes."""
+    state_file = ckpt / f"trainer_state_rank{rank}.json"
+    if not state_file.exists():
+        raise ValueError(f"checkpoint {ckpt} has no state for rank {rank}: was it written with another number of processes?")
+    state = json.loads(state_file.read_text())
+    if state["world_size"] != world_size:
+        raise ValueError(f"checkpoint {ckpt} was written by {state['world_size']} processes, this run has {world_size}")
+    return state
+
+
+# =========================================================================== exports
+def write_export(path: Path, config: PerturbDiffConfig, state: dict[str, torch.Tensor], card: str) -> Path:
+    """A ``save_pretrained`` folder from a full state dict, written to a temporary sibling and renamed."""
+    model = PerturbDiffModel(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "README.md").write_text(card)
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
+    return path
+
+
+def model_card(config: PerturbDiffConfig, cfg, *, step: int, cells_seen: int, world_size: int, ema_on: bool,
+               logs: dict, extra: dict) -> str:
+    """The export's README: what the model is, what it was trained on and how, its last figures."""
+    atlases = cfg.data.atlas or ["built-in synthetic atlas"]
+    conditional = cfg.train.objective == "conditional"
+    lines = [
+        "---", "library_name: perturbdiff", "tags: [single-cell, perturbation, diffusion, perturbdiff]", "---",
+        "# PerturbDiff model", "",
+        "A set-level functional diffusion model over cells "
+        "(PerturbDiff, Yuan et al. 2026). Load with `import perturbdiff; AutoModel.from_pretrained(folder)`.", "",
+        "## Training", "",
+        f"- objective: {cfg.train.objective} ({'control stream on' if conditional else 'no control stream, no perturbation label'}; "
+        f"covariate dropout {cfg.train.cond_drop_prob})",
+        f"- data: {', '.join(map(str, atlases))}" + (f" (weights {cfg.data.weights})" if cfg.data.weights else ""),
+        f"- steps: {step}; cells seen: {cells_seen:,}; "
+        f"{cfg.data.batch_size} sets x {cfg.data.set_size} cells x {cfg.optim.grad_accum} accumulation x {world_size} processes per step",
+        f"- optimiser: AdamW lr {cfg.optim.lr}, warmup {cfg.optim.warmup_steps}, cosine; EMA decay {cfg.train.ema_decay} "
+        f"({'exported' if ema_on else 'off: live weights exported'})",
+        f"- size: hidden {config.hidden_size}, {config.num_layers} layers, {config.num_heads} heads; {config.num_genes} genes; "
+        f"{len(config.perturbation_names)} perturbations, {len(config.context_names)} contexts, {len(config.batch_names)} batches",
+        f"- expression space: log1p(counts / total x {config.norm.target_sum}) / {config.norm.scale}",
+    ]
+    lines += [f"- {k}: {v}" for k, v in extra.items()]
+    lines += ["", "## Figures at the end of training", ""]
+    lines += [f"- {k}: {v:.5g}" for k, v in logs.items() if isinstance(v, float)] or ["- (none logged)"]
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(export_dir: Path, repo_id: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(export_dir), repo_id=repo_id)
+    print(f"pushed {export_dir} to the hub as {repo_id}")

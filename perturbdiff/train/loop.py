@@ -1,0 +1,488 @@
+"""The training loop shared by pretraining and finetuning: Accelerate, optionally DeepSpeed ZeRO 1/2/3.
+
+This is the one place that knows about processes: process group (gloo on CPU), per-rank seeds,
+rank-0 output, batch arithmetic. The model, the diffusion and the training step come from the
+library and run on one device; what is kept on disk is `checkpoint`'s business.
+
+Layout of ``output_dir``::
+
+    checkpoints/step-00000100/   resume state (Accelerate/DeepSpeed model + optimizer, EMA,
+                                 per-rank trainer state: step, RNG, loader position)
+    exports/step-00000100/       interval exports (``save_pretrained`` folders)
+    model/                       the final export (EMA weights), loads with from_pretrained
+    metrics.jsonl                one line per logged step (train loss, lr, cells/s, val loss)
+    logs/                        TensorBoard (or W&B) tracker files
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..configuration import PerturbDiffConfig
+from ..diffusion import GaussianDiffusion
+from ..files import atomic_json
+from ..modeling import PerturbDiffModel
+from ..objective import training_step
+from . import checkpoint
+from .checkpoint import EMA
+from .config import OptimSection, TrainConfig, flatten
+
+__all__ = ["Trainer", "resolve_deepspeed_config"]
+
+
+def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_deepspeed_config(path: str | os.PathLike, *, micro_batch: int, grad_accum: int, world_size: int,
+                             grad_clip: float, bf16: bool) -> dict:
+    """Load a DeepSpeed JSON, fill its ``"auto"`` values from the run, and refuse contradictions.
+
+    Batch sizes in DeepSpeed count *sets* (our samples): train_batch_size =
+    train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+    ds = json.loads(path.read_text())
+    expected = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+    }
+    for key, value in expected.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and int(given) != value:
+            raise ValueError(
+                f"DeepSpeed config {path}: {key}={given} contradicts the run's {key}={value} "
+                f"(micro-batch {micro_batch} sets x accumulation {grad_accum} x {world_size} processes); "
+                f"set it to \"auto\" or change data.batch_size / optim.grad_accum"
+            )
+        ds[key] = value
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = grad_clip
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = bf16
+    if "fp16" in ds and ds["fp16"].get("enabled", "auto") == "auto":
+        ds["fp16"]["enabled"] = False
+    # A torch optimizer (AdamW) is passed in: DeepSpeed's fused/CPU Adam would JIT-compile ops.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+class Trainer:
+    """Runs a training job from a :class:`TrainConfig`.
+
+    Args:
+        cfg: the run's configuration.
+        model_card: extra lines for the export's README (finetuning records its base and screen).
+        model_factory: ``f(data_vocabulary) -> model``, called once the data's vocabularies are known
+            (finetuning adapts its base model there, `perturbdiff.adapt.adapt_pretrained`); without
+            it the model is built from ``cfg.model`` (preset + overrides) and the data's vocabularies.
+    """
+
+    def __init__(self, cfg: TrainConfig, model_card: dict | None = None, model_factory=None):
+        from accelerate import Accelerator
+        from accelerate.utils import (
+            DeepSpeedPlugin,
+            DistributedDataParallelKwargs,
+            InitProcessGroupKwargs,
+            ProjectConfiguration,
+        )
+
+        self.cfg = cfg
+        self.objective = cfg.objective()
+        self.output_dir = Path(cfg.output_dir)
+        train, optim, data = cfg.train, cfg.optim, cfg.data
+
+        mixed = train.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        if mixed not in ("no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {mixed!r}")
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        ds_plugin = None
+        if cfg.deepspeed:
+            ds_conf = resolve_deepspeed_config(cfg.deepspeed, micro_batch=data.batch_size, grad_accum=optim.grad_accum,
+                                               world_size=world_size, grad_clip=optim.grad_clip, bf16=mixed == "bf16")
+            ds_plugin = DeepSpeedPlugin(hf_ds_config=ds_conf)
+        # Without a GPU, several processes talk over gloo (Accelerate would pick nccl/ccl otherwise).
+        distributed_cpu = not torch.cuda.is_available() and world_size > 1
+        kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
+        # Some parameters take no part in a step by design (the control stream under the marginal
+        # objective, dose/feature projections when the data has none), so DDP must look for them.
+        kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+        tracker = None if train.tracker in (None, "none") else train.tracker
+        if tracker == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                print("tensorboard is not installed: logging to metrics.jsonl only")
+                tracker = None
+        self.accelerator = Accelerator(
+            # Without a GPU, cpu=True selects MULTI_CPU (gloo) for DDP; DeepSpeed ignores its plugin
+            # under cpu=True and runs over gloo through the process-group kwargs instead.
+            cpu=not torch.cuda.is_available() and ds_plugin is None,
+            mixed_precision=mixed,
+            gradient_accumulation_steps=optim.grad_accum,
+            deepspeed_plugin=ds_plugin,
+            kwargs_handlers=kwargs,
+            log_with=tracker,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        acc = self.accelerator
+        self.rank, self.world_size = acc.process_index, acc.num_processes
+        self.is_deepspeed = ds_plugin is not None
+        self.zero_stage = ds_plugin.zero_stage if ds_plugin is not None else 0
+
+        # Per-rank randomness for noise/timesteps/dropout; identical model init on every rank.
+        torch.manual_seed(train.seed)
+        self.generator = torch.Generator().manual_seed(train.seed * 1_000_003 + self.rank)
+        # Decisions every rank must share (whether a step runs a self-conditioning pass).
+        self.shared_generator = torch.Generator().manual_seed(train.seed * 1_000_003 - 1)
+
+        atlases = self._open_atlases()
+        data_vocab = self._data_vocabulary(atlases)
+        if model_factory is not None:
+            model = model_factory(data_vocab)
+        else:
+            model = PerturbDiffModel(PerturbDiffConfig.from_preset(cfg.model.preset, **{**data_vocab, **cfg.model.overrides}))
+        self.train_data, self.val_data = self._build_loaders(atlases, model.config, data_vocab)
+        # what prediction needs to know of the training data travels in the export's config.json
+        model.config.set_size = data.set_size
+        labels = sorted({a.control_label for a in atlases if a.control_label})
+        if len(labels) == 1:
+            model.config.control_label = labels[0]
+        self.model_config = model.config
+        self.model_card = model_card or {}
+        self.last_logs: dict = {}
+        self.diffusion = GaussianDiffusion.from_config(self.model_config)
+        self.ema = EMA(model.named_parameters(), train.ema_decay) if train.ema_decay > 0 else None
+
+        # No weight decay on biases, norms and embedding tables (as in GPT-style training).
+        decay, no_decay = [], []
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                (no_decay if p.ndim < 2 or isinstance(module, torch.nn.Embedding) else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr, betas=tuple(optim.betas),
+        )
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.step = 0
+        self.cells_seen = 0
+
+        self.cells_per_step = data.batch_size * data.set_size * optim.grad_accum * self.world_size
+        if self.is_deepspeed:
+            ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+            assert ds_cfg["train_batch_size"] * data.set_size == self.cells_per_step, "DeepSpeed batch arithmetic"
+
+    # ------------------------------------------------------------------ data
+    def _open_atlases(self) -> list:
+        """The run's atlases; ``.h5ad`` inputs are built into ``OUTPUT/atlases`` first (once)."""
+        from ..data import Atlas, ensure_atlas, ensure_default_atlas
+
+        paths = []
+        with self.accelerator.main_process_first():  # one process builds, the others then open
+            for p in [Path(p) for p in self.cfg.data.atlas] or [ensure_default_atlas()]:
+                paths.append(ensure_atlas(p, self.output_dir / "atlases", progress=self.accelerator.is_main_process,
+                                          log=self._print, **self.cfg.data.columns))
+        return [Atlas(p) for p in paths]
+
+    def _data_vocabulary(self, atlases) -> dict:
+        """Genes (union of highly variable genes) and covariate names of the atlases."""
+        from ..data import atlas_vocabularies, gene_vocabulary
+
+        vocab = atlas_vocabularies(atlases)
+        return {
+            "gene_names": gene_vocabulary(atlases),
+            # the marginal stage has no perturbation label: finetuning adds the vocabulary
+            "perturbation_names": [] if self.cfg.train.objective == "marginal" else vocab["perturbation"],
+            "context_names": vocab["context"],
+            "batch_names": vocab["batch"],
+        }
+
+    def _build_loaders(self, atlases, config: PerturbDiffConfig, data_vocab: dict):
+        """Training and validation loaders for this rank, in the model's vocabularies."""
+        from ..data import CellSetDataset, SplitSpec, with_validation_groups
+
+        data, train = self.cfg.data, self.cfg.train
+        paths = [a.path for a in atlases]
+        data_genes = set(data_vocab["gene_names"]) | {g for a in atlases for g in a.gene_names}
+        shared = sum(g in data_genes for g in config.gene_names or [])
+        if config.gene_names is None or shared < 0.5 * config.num_genes:
+            raise ValueError(
+                f"the atlas genes do not match the model: {shared} of the model's {config.num_genes} genes are in "
+                f"{', '.join(map(str, paths))}; finetune with gene mapping (finetune/run.py) or build a matching atlas"
+            )
+        conditional = train.objective == "conditional"
+        spec = None
+        if data.split_file:
+            spec = SplitSpec.load(data.split_file)
+        elif data.heldout_contexts or data.heldout_perturbations:
+            spec = SplitSpec.held_out(data.heldout_contexts, data.heldout_perturbations, split="test")
+        spec = with_validation_groups(spec, atlases, data.val_fraction, seed=train.seed)
+
+        common = dict(set_size=data.set_size, batch_size=data.batch_size, weights=data.weights, normalization=config.norm,
+                      gene_names=config.gene_names, perturbation_names=config.perturbation_names,
+                      context_names=config.context_names, batch_names=config.batch_names,
+                      mode="conditional" if conditional else "marginal", held_out=spec, rank=self.rank,
+                      world_size=self.world_size, sparse=self._sparse_batches(data.sparse_batches),
+                      pair_controls=conditional and config.paired_control)
+        train_set = CellSetDataset(atlases, split="train", seed=train.seed, drop_last=True, return_set_ids=True, **common)
+        if len(train_set) == 0:
+            raise ValueError(
+                f"the training split has {train_set.num_sets} sets: too few for {data.batch_size} sets per batch on "
+                f"{self.world_size} process(es); lower data.batch_size or data.set_size"
+            )
+        val_set = None
+        if spec is not None and train.val_every:
+            try:
+                val_set = CellSetDataset(atlases, split="val", seed=train.seed + 1, drop_last=False, **common)
+            except ValueError as err:  # no validation groups in this data
+                self._print(f"no validation loss: {err}")
+        self._print(f"data: {', '.join(map(str, paths))}: {train_set.num_sets} training sets per epoch "
+                    f"({len(train_set)} batches per process)" + (f", {val_set.num_sets} validation sets" if val_set else ""))
+        return train_set.loader(num_workers=data.num_workers), val_set
+
+    def _sparse_batches(self, value) -> bool:
+        return self.accelerator.device.type == "cuda" if value == "auto" else bool(value)
+
+    def _to_device(self, batch: dict) -> dict:
+        from ..data import densify
+
+        return densify(batch, self.accelerator.device, non_blocking=True)  # sparse sets become dense there
+
+    def _batches(self):
+        """Endless micro-batches from the loader, advancing epochs (the loader tracks its position)."""
+        while True:
+            produced = False
+            for batch in self.train_data:
+                produced = True
+                yield batch
+            if not produced:
+                raise ValueError("the training data yields no batches: too few cells or groups for this batch size")
+            self.train_data.set_epoch(self.train_data.state_dict()["epoch"] + 1)
+
+    # ------------------------------------------------------------------ parameters
+    def _gathered(self):
+        """Full parameters of the unwrapped model (gathered under ZeRO-3)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return unwrapped, deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None)
+        return unwrapped, contextlib.nullcontext()
+
+    def _update_ema(self):
+        if self.ema is None:
+            return
+        unwrapped, ctx = self._gathered()
+        with ctx:
+            self.ema.update(unwrapped.named_parameters())
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Path:
+        acc, train, optim = self.accelerator, self.cfg.train, self.cfg.optim
+        if self.cfg.resume:
+            self.resume()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_json(self.output_dir / "train_config.json", self.cfg.to_dict())
+        if acc.log_with:
+            hparams = flatten(self.cfg.to_dict(), keep=())
+            acc.init_trackers("perturbdiff", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                     for k, v in hparams.items()})
+        self._print(
+            f"PerturbDiff {train.objective} training: {self.model_config.num_genes} genes, "
+            f"{sum(p.numel() for p in acc.unwrap_model(self.model).parameters()) / 1e6:.2f}M parameters, "
+            f"{self.world_size} process(es){', DeepSpeed ZeRO-' + str(self.zero_stage) if self.is_deepspeed else ''}\n"
+            f"batch: {self.cfg.data.batch_size} sets x {self.cfg.data.set_size} cells x {optim.grad_accum} accumulation "
+            f"x {self.world_size} processes = {self.cells_per_step} cells per optimizer step"
+        )
+        sets_file = None
+        if train.record_sets:
+            (self.output_dir / "sets").mkdir(parents=True, exist_ok=True)
+            acc.wait_for_everyone()
+            sets_file = open(self.output_dir / "sets" / f"rank{self.rank}.jsonl", "a")
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_main_process, desc="training",
+                   dynamic_ncols=True)
+        batches = self._batches()
+        start, window_start, window_cells = time.time(), time.time(), 0
+        running = {"loss": 0.0, "mmd": 0.0, "mse": 0.0}
+        postfix: dict = {}
+        first_step = self.step
+        while self.step < train.max_steps:
+            if train.stop_after_steps and self.step - first_step >= train.stop_after_steps:
+                bar.close()
+                self.save_checkpoint()
+                self._print(f"stopped after {train.stop_after_steps} steps at step {self.step}; continue with --resume")
+                acc.end_training()
+                return self.output_dir / "checkpoints"
+            lr = lr_at(self.step, optim, train.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = next(batches)
+            if sets_file is not None:
+                sets_file.write(json.dumps({"step": self.step, "sets": _set_ids(batch)}) + "\n")
+            batch = self._to_device(batch)
+            with acc.accumulate(self.model):
+                out = training_step(self.model, self.diffusion, batch, self.objective,
+                                    generator=self.generator, shared_generator=self.shared_generator)
+                acc.backward(out["loss"])
+                if acc.sync_gradients and not self.is_deepspeed and optim.grad_clip > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), optim.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k in running:
+                running[k] += out[k].detach().float().item() / optim.grad_accum
+            if not acc.sync_gradients:
+                continue
+
+            # ---- one optimizer step done
+            self._update_ema()
+            self.step += 1
+            self.cells_seen += self.cells_per_step
+            window_cells += self.cells_per_step
+            reduced = acc.reduce(torch.tensor([running["loss"], running["mmd"], running["mse"]], device=acc.device), "mean")
+            running = {k: 0.0 for k in running}
+            logs = {"loss": reduced[0].item(), "mmd": reduced[1].item(), "mse": reduced[2].item(), "lr": lr}
+            bar.update(1)
+            if self.step % train.log_every == 0 or self.step == train.max_steps or self.step == 1:
+                now = time.time()
+                logs["cells_per_s"] = window_cells / max(now - window_start, 1e-9)
+                window_start, window_cells = now, 0
+            if train.val_every and (self.step % train.val_every == 0 or self.step == train.max_steps):
+                logs["val_loss"] = self.validate()
+            postfix.update({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "lr", "cells_per_s", "val_loss")})
+            bar.set_postfix(postfix)
+            self._log(logs)
+            if train.save_every and self.step % train.save_every == 0 and self.step < train.max_steps:
+                self.save_checkpoint()
+            if train.export_every and self.step % train.export_every == 0 and self.step < train.max_steps:
+                self.export(self.output_dir / "exports" / checkpoint.checkpoint_name(self.step))
+        bar.close()
+        if sets_file is not None:
+            sets_file.close()
+        if train.save_every:
+            self.save_checkpoint()
+        export_dir = self.export(self.output_dir / "model")
+        elapsed = time.time() - start
+        self._print(
+            f"done: {self.step} steps in {elapsed:.1f} s, {self.cells_seen:,} cells seen "
+            f"({self.cells_seen / max(elapsed, 1e-9):,.0f} cells/s); export: {export_dir}"
+        )
+        if self.cfg.push_to_hub and acc.is_main_process:
+            checkpoint.push_to_hub(export_dir, self.cfg.push_to_hub)
+        acc.end_training()
+        return export_dir
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean training loss on held-out groups, with a fixed generator (same draws every time)."""
+        if self.val_data is None:
+            return None
+        model = self.model
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(12345 + self.rank)
+        shared = torch.Generator().manual_seed(12345)
+        self.val_data.set_epoch(0)
+        total, n = 0.0, 0
+        for i, batch in enumerate(self.val_data):
+            if i >= self.cfg.data.val_batches:
+                break
+            out = training_step(model, self.diffusion, self._to_device(batch), self.objective,
+                                generator=gen, shared_generator=shared)
+            total += out["loss"].item()
+            n += 1
+        model.train(was_training)
+        stats = self.accelerator.reduce(torch.tensor([total, n], dtype=torch.float64, device=self.accelerator.device), "sum")
+        return float(stats[0] / stats[1]) if stats[1] > 0 else None
+
+    # ------------------------------------------------------------------ output
+    def _print(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            print(text, flush=True)
+
+    def _log(self, logs: dict) -> None:
+        logs = {k: v for k, v in logs.items() if v is not None}
+        if self.accelerator.log_with:
+            self.accelerator.log({f"train/{k}" if k != "val_loss" else "val/loss": v for k, v in logs.items()}, step=self.step)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **logs}) + "\n")
+        self.last_logs = logs
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write a resume state (every rank calls it)."""
+        return checkpoint.save_resume_state(self.accelerator, self.output_dir, self.step, ema=self.ema, keep_last=self.cfg.train.keep_last,
+                                            rank_state={
+                                                "step": self.step,
+                                                "cells_seen": self.cells_seen,
+                                                "world_size": self.world_size,
+                                                "generator": self.generator.get_state().tolist(),
+                                                "shared_generator": self.shared_generator.get_state().tolist(),
+                                                "data": self.train_data.state_dict(),
+                                            })
+
+    def resume(self) -> bool:
+        """Restore the latest complete checkpoint; False when there is none (the run starts fresh)."""
+        from safetensors.torch import load_file
+
+        ckpts = checkpoint.list_checkpoints(self.output_dir)
+        if not ckpts:
+            self._print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}, starting from step 0")
+            return False
+        ckpt = ckpts[-1]
+        state = checkpoint.load_trainer_state(ckpt, self.rank, self.world_size)
+        self.accelerator.load_state(str(ckpt))
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+        self.step, self.cells_seen = state["step"], state["cells_seen"]
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.shared_generator.set_state(torch.tensor(state["shared_generator"], dtype=torch.uint8))
+        self.train_data.load_state_dict(state["data"])
+        self._print(f"resumed from {ckpt} at step {self.step}")
+        return True
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """``save_pretrained`` folder with the EMA weights (or the live ones) and a model card."""
+        acc = self.accelerator
+        path = Path(path)
+        if self.ema is not None:
+            state = self.ema.state_dict()
+        else:
+            state = acc.get_state_dict(self.model)  # a collective under ZeRO-3: every rank calls it
+        if acc.is_main_process:
+            card = checkpoint.model_card(self.model_config, self.cfg, step=self.step, cells_seen=self.cells_seen,
+                                         world_size=self.world_size, ema_on=self.ema is not None,
+                                         logs=self.last_logs, extra=self.model_card)
+            checkpoint.write_export(path, self.model_config, state, card)
+        acc.wait_for_everyone()
+        return path
+
+
+def _set_ids(batch: dict) -> list:
+    ids = batch.get("set_id", batch.get("group"))
+    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
