@@ -13,19 +13,11 @@
 - the energy distance between predicted and real cells in a PCA of the real data
   (``energy_distance``; mean and sd over predicted populations).
 
-The same metrics are computed for baselines built on the same split (all in log1p space; shifted
-cells are clipped at 0). With c the held-out context, p the perturbation, ctrl_c the control cells
-of c (from ``real``, else from ``train``) and means taken over ``train`` cells:
-
-- ``control_mean``: ctrl_c itself (no effect).
-- ``perturbation_mean``: ctrl_c shifted so that its mean is the pooled mean of p's cells in the
-  other contexts (the perturbed profile elsewhere, ignoring c's own baseline).
-- ``additive_shift``: ctrl_c + Δ_p, Δ_p = average over other contexts c' of
-  (mean of p in c' − mean of controls in c'); its mean is ctrl_c's mean + Δ_p (linear additive).
-- ``context_mean``: ctrl_c shifted so that its mean is the mean of all perturbed cells of c.
-
-A baseline that cannot be formed for a condition (p seen in no other context, no perturbed cell
-of c in train) falls back to ctrl_c and is flagged in the ``fallback`` column.
+The same metrics are computed for the baselines of `perturbdiff.baselines` (control mean,
+perturbation mean, additive shift, context mean), built on the same split with the context's
+control cells from ``real`` (else from ``train``); a baseline that cannot be formed for a
+condition falls back to the controls and is flagged in the ``fallback`` column. `report` writes
+``summary.md`` and the plots.
 """
 
 from __future__ import annotations
@@ -45,14 +37,13 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .losses import energy_distance
-from .files import atomic_write
+from .baselines import BASELINES, TRAIN_BASELINES, baseline_cells, train_stats
 from .expression import Normalization, detect_input_space, gene_columns, to_model_space
+from .files import atomic_write
+from .losses import energy_distance
 
 __all__ = ["Evaluation", "evaluate", "BASELINES", "HEADLINE_METRICS", "add_parser"]
 
-BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean")
-_TRAIN_BASELINES = ("perturbation_mean", "additive_shift", "context_mean")
 # (metric, better) shown in the summary; "max" = higher is better.
 HEADLINE_METRICS = (
     ("pearson_delta", "max"),
@@ -87,8 +78,7 @@ class Evaluation:
     Attributes:
         per_condition: one row per (method, perturbation, context) with every metric.
         aggregate: one row per method: the mean of each metric over conditions (``num_conditions``).
-        summary: the markdown summary (model vs baselines).
-        files: name -> path of each file written (empty without ``outdir``).
+        summary: the markdown summary (model vs baselines); files: name -> path of each file written.
     """
 
     per_condition: pd.DataFrame
@@ -190,7 +180,7 @@ def _prepare(pred, real, train, *, perturbation_key, context_key, control_label,
         Xt = load(train, "train")
         t_pert = _obs_column(train, perturbation_key, None, "train")
         t_ctx = _obs_column(train, context_key, None, "train")
-        tr = _train_stats(Xt, t_pert, t_ctx)
+        tr = train_stats(Xt, t_pert, t_ctx)
         tr["controls"] = {c: _dense(Xt[np.flatnonzero((t_pert == control_label) & (t_ctx == c))])
                           for c in np.unique(t_ctx[t_pert == control_label])}
 
@@ -216,50 +206,6 @@ def _prepare(pred, real, train, *, perturbation_key, context_key, control_label,
             raise ValueError(f"no predicted cells for {cond} in population {population}")
         pred_eval[cond] = _dense(Xp[np.flatnonzero(pick)])
     return _Data(genes, conditions, real_cells, controls, control_source, pred_pops, pred_eval, tr)
-
-
-def _train_stats(X, pert: np.ndarray, ctx: np.ndarray) -> dict:
-    """Per (perturbation, context) sums and counts of train cells, by one sparse product."""
-    keys = pd.MultiIndex.from_arrays([pert, ctx])
-    codes, uniques = pd.factorize(keys)
-    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(uniques), len(codes)))
-    Xs = X if sp.issparse(X) else np.asarray(X, dtype=np.float64)
-    sums = onehot @ Xs
-    sums = np.asarray(sums.toarray() if sp.issparse(sums) else sums, dtype=np.float64)
-    counts = np.bincount(codes, minlength=len(uniques))
-    return {"sums": {tuple(k): sums[i] for i, k in enumerate(uniques)},
-            "counts": {tuple(k): int(counts[i]) for i, k in enumerate(uniques)}}
-
-
-# --------------------------------------------------------------------------- baselines
-def _baseline_cells(name: str, data: _Data, control_label: str) -> tuple[dict, dict]:
-    """Predicted cells per condition for a baseline, and whether it fell back to the controls."""
-    cells, fallback = {}, {}
-    tr = data.train
-    for p, c in data.conditions:
-        ctrl = data.controls[c]
-        ctrl_mean = ctrl.mean(0, dtype=np.float64)
-        shift = None
-        if name == "perturbation_mean":
-            keys = [k for k in tr["sums"] if k[0] == p and k[1] != c]
-            if keys:
-                mu = sum(tr["sums"][k] for k in keys) / sum(tr["counts"][k] for k in keys)
-                shift = mu - ctrl_mean
-        elif name == "additive_shift":
-            effects = [tr["sums"][k] / tr["counts"][k] - tr["sums"][(control_label, k[1])] / tr["counts"][(control_label, k[1])]
-                       for k in tr["sums"] if k[0] == p and k[1] != c and (control_label, k[1]) in tr["sums"]]
-            if effects:
-                shift = np.mean(effects, axis=0)
-        elif name == "context_mean":
-            keys = [k for k in tr["sums"] if k[1] == c and k[0] != control_label]
-            if keys:
-                nu = sum(tr["sums"][k] for k in keys) / sum(tr["counts"][k] for k in keys)
-                shift = nu - ctrl_mean
-        elif name != "control_mean":
-            raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
-        fallback[(p, c)] = name != "control_mean" and shift is None
-        cells[(p, c)] = ctrl if shift is None else np.clip(ctrl + shift.astype(np.float32), 0, None)
-    return cells, fallback
 
 
 # --------------------------------------------------------------------------- metrics
@@ -450,8 +396,8 @@ def evaluate(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
-    if train is None and any(b in _TRAIN_BASELINES for b in baselines):
-        raise ValueError(f"baselines {[b for b in baselines if b in _TRAIN_BASELINES]} need the training data (train=...)")
+    if train is None and any(b in TRAIN_BASELINES for b in baselines):
+        raise ValueError(f"baselines {[b for b in baselines if b in TRAIN_BASELINES]} need the training data (train=...)")
     if model_name in baselines:
         raise ValueError(f"model_name {model_name!r} clashes with a baseline name")
     if population != "all" and not isinstance(population, (int, np.integer)):
@@ -461,12 +407,14 @@ def evaluate(
             raise ValueError(f"population must be an integer or 'all', got {population!r}") from None
     num_threads = -1 if num_threads is None else int(num_threads)
 
+    from .report import summary_text, write_plots
+
     data = _prepare(pred, real, train, perturbation_key=perturbation_key, context_key=context_key,
                     control_label=control_label, population=population)
     pca = _fit_pca(data, pca_components, seed)
     methods = {model_name: (data.pred_eval, data.pred_pops, {k: False for k in data.conditions})}
     for b in baselines:
-        cells, fallback = _baseline_cells(b, data, control_label)
+        cells, fallback = baseline_cells(b, data.conditions, data.controls, data.train, control_label)
         methods[b] = (cells, {k: [v] for k, v in cells.items()}, fallback)
         if any(fallback.values()):
             warnings.warn(f"baseline {b}: no training data to form it for {[k for k, v in fallback.items() if v][:5]}; "
@@ -481,14 +429,16 @@ def evaluate(
         frame["fallback"] = [fallback[(p, c)] for p, c in zip(frame["perturbation"], frame["context"])]
         frames.append(frame)
     per_condition = pd.concat(frames, ignore_index=True)
-    per_condition = per_condition[_KEY_COLS + [c for c in _ordered_metrics(per_condition) if c not in _KEY_COLS]]
+    first = [m for m, _ in HEADLINE_METRICS if m in per_condition.columns]  # headline metrics first
+    per_condition = per_condition[_KEY_COLS + [c for c in first + [c for c in per_condition.columns if c not in first]
+                                               if c not in _KEY_COLS]]
 
     metric_cols = [c for c in per_condition.columns if c not in _KEY_COLS and c not in ("control_source", "fallback")
                    and not c.startswith("num_") and pd.api.types.is_numeric_dtype(per_condition[c])]
     aggregate = per_condition.groupby("method", sort=False)[metric_cols].mean()
     aggregate.insert(0, "num_conditions", per_condition.groupby("method", sort=False).size())
     aggregate = aggregate.reset_index()
-    summary = _summary(aggregate, per_condition, data, model_name, population, pca, profile)
+    summary = summary_text(aggregate, per_condition, data, model_name, population, pca, profile)
 
     files = {}
     if outdir is not None:
@@ -498,137 +448,8 @@ def evaluate(
         files["aggregate"] = atomic_write(out / "metrics_aggregate.csv", lambda p: aggregate.to_csv(p, index=False))
         files["summary"] = atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary))
         if plots:
-            files.update(_plots(out, data, methods, per_condition, aggregate, pca, model_name, max_plot_conditions, seed))
+            files.update(write_plots(out, data, methods, per_condition, aggregate, pca, model_name, max_plot_conditions, seed))
     return Evaluation(per_condition, aggregate, summary, files)
-
-
-def _ordered_metrics(frame: pd.DataFrame) -> list[str]:
-    first = [m for m, _ in HEADLINE_METRICS if m in frame.columns]
-    return first + [c for c in frame.columns if c not in first]
-
-
-# --------------------------------------------------------------------------- report
-def _summary(aggregate, per_condition, data, model_name, population, pca, profile) -> str:
-    methods = aggregate["method"].tolist()
-    agg = aggregate.set_index("method")
-    lines = [
-        "# PerturbDiff evaluation",
-        "",
-        f"{len(data.conditions)} conditions (perturbation, context) in {len(data.controls)} context(s); "
-        f"cell-eval profile `{profile}`; population {population} scored by cell-eval; energy distance on "
-        + (f"{pca.n_components_} PCs of the real data" if pca is not None else "genes")
-        + " (mean over predicted populations). Mean over conditions; best per row in bold.",
-        "",
-        "| metric | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for metric, better in HEADLINE_METRICS:
-        if metric not in agg.columns:
-            continue
-        values = agg[metric]
-        # No bold when every method ties (e.g. all 0): nothing is best then.
-        best = (values.max() if better == "max" else values.min()) if values.nunique() > 1 else None
-        cells = [("–" if not np.isfinite(v) else (f"**{v:.4g}**" if v == best else f"{v:.4g}")) for v in values]
-        lines.append(f"| {metric} {'↑' if better == 'max' else '↓'} | " + " | ".join(cells) + " |")
-    model = per_condition[per_condition["method"] == model_name]
-    cols = [c for c in ("pearson_delta", "r2_delta", "energy_distance") if c in model.columns]
-    lines += ["", f"## {model_name} per condition", "",
-              "| perturbation | context | cells (real / pred) | " + " | ".join(cols) + " |",
-              "|---|---|---|" + "---|" * len(cols)]
-    for _, row in model.head(50).iterrows():
-        vals = " | ".join("–" if not np.isfinite(row[c]) else f"{row[c]:.3g}" for c in cols)
-        lines.append(f"| {row['perturbation']} | {row['context']} | {row['num_real_cells']} / {row['num_pred_cells']} | {vals} |")
-    if len(model) > 50:
-        lines.append(f"| … {len(model) - 50} more in metrics_per_condition.csv | | | |")
-    return "\n".join(lines) + "\n"
-
-
-def _plots(out: Path, data, methods, per_condition, aggregate, pca, model_name, max_conditions, seed) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = {}
-    # The conditions with the largest real effects are the informative ones to show.
-    effect = {k: float(np.abs(data.real[k].mean(0) - data.controls[k[1]].mean(0)).sum()) for k in data.conditions}
-    shown = sorted(data.conditions, key=lambda k: -effect[k])[:max_conditions]
-    ncol = min(4, len(shown))
-    nrow = int(np.ceil(len(shown) / ncol))
-    model_cells = methods[model_name][0]
-    reference = "additive_shift" if "additive_shift" in methods else None
-
-    # 1. Predicted vs real mean shift per gene, per condition.
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.4 * nrow), squeeze=False)
-    for ax, (p, c) in zip(axes.flat, shown):
-        ctrl = data.controls[c].mean(0)
-        real_d = data.real[(p, c)].mean(0) - ctrl
-        if reference:
-            ax.scatter(real_d, methods[reference][0][(p, c)].mean(0) - ctrl, s=5, c="0.7", label=reference)
-        pred_d = model_cells[(p, c)].mean(0) - ctrl
-        ax.scatter(real_d, pred_d, s=6, c="tab:red", label=model_name)
-        lim = float(np.abs(np.concatenate([real_d, pred_d])).max()) * 1.05 or 1.0
-        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
-        ax.axhline(0, c="0.85", lw=0.5)
-        ax.axvline(0, c="0.85", lw=0.5)
-        for g in np.argsort(-np.abs(real_d))[:3]:
-            ax.annotate(str(data.genes[g]), (real_d[g], pred_d[g]), fontsize=7)
-        r = np.corrcoef(real_d, pred_d)[0, 1] if real_d.std() > 0 and pred_d.std() > 0 else float("nan")
-        ax.set_title(f"{p} | {c}\nr = {r:.2f}", fontsize=9)
-        ax.set_xlabel("real Δ vs control (log1p)", fontsize=8)
-        ax.set_ylabel("predicted Δ", fontsize=8)
-    for ax in list(axes.flat)[len(shown):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    files["mean_shift_plot"] = atomic_write(out / "mean_shift.png", lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
-
-    # 2. Real and predicted cells on the real data's PCA, per condition.
-    if pca is not None and pca.n_components_ >= 2:
-        rng = np.random.default_rng(seed)
-
-        def sub(x, n=400):
-            return x[rng.choice(len(x), n, replace=False)] if len(x) > n else x
-
-        fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.4 * nrow), squeeze=False)
-        for ax, (p, c) in zip(axes.flat, shown):
-            for x, color, label in ((data.controls[c], "0.75", "control"), (data.real[(p, c)], "tab:blue", "real"),
-                                    (model_cells[(p, c)], "tab:red", model_name)):
-                z = pca.transform(sub(x))
-                ax.scatter(z[:, 0], z[:, 1], s=4, c=color, alpha=0.6, label=label, linewidths=0)
-            ed = per_condition.query("method == @model_name and perturbation == @p and context == @c")["energy_distance"]
-            ax.set_title(f"{p} | {c}\nED = {float(ed.iloc[0]):.3g}", fontsize=9)
-            ax.set_xlabel("PC1", fontsize=8)
-            ax.set_ylabel("PC2", fontsize=8)
-        for ax in list(axes.flat)[len(shown):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7, markerscale=3)
-        fig.tight_layout()
-        files["pca_plot"] = atomic_write(out / "pca.png", lambda p: fig.savefig(p, dpi=120, format="png"))
-        plt.close(fig)
-
-    # 3. Aggregate metrics, model vs baselines.
-    metrics = [(m, b) for m, b in HEADLINE_METRICS if m in aggregate.columns]
-    ncol3 = min(4, len(metrics))
-    nrow3 = int(np.ceil(len(metrics) / ncol3))
-    fig, axes = plt.subplots(nrow3, ncol3, figsize=(3.4 * ncol3, 2.6 * nrow3), squeeze=False)
-    colors = ["tab:red"] + ["0.6"] * (len(aggregate) - 1)
-    for ax, (m, better) in zip(axes.flat, metrics):
-        values = aggregate[m].to_numpy(dtype=float)
-        ax.barh(aggregate["method"], np.nan_to_num(values), color=colors)
-        for y, v in enumerate(values):
-            if not np.isfinite(v):
-                ax.text(0, y, " n/a", va="center", fontsize=7, color="0.4")
-        ax.set_title(f"{m} {'↑' if better == 'max' else '↓'}", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.invert_yaxis()
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    fig.tight_layout()
-    files["metrics_plot"] = atomic_write(out / "metrics.png", lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
-    return files
 
 
 # --------------------------------------------------------------------------- command line

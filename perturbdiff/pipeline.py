@@ -16,11 +16,9 @@ log-normalised data (``uns["perturbdiff"]`` states the space).
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import warnings
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,98 +27,19 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .conditions import clean_conditions, condition_rngs, feature_table, make_conditions, read_conditions
 from .configuration import NULL_ID
 from .diffusion import GaussianDiffusion
-from .modeling import PerturbDiffModel
-from .files import atomic_write
 from .expression import INPUT_SPACES, Normalization, detect_input_space, gene_columns, to_model_space
+from .files import atomic_write
+from .modeling import PerturbDiffModel
 from .objective import sample_sets
 
-__all__ = [
-    "PerturbDiffPipeline",
-    "CONDITION_COLUMNS",
-    "condition_rngs",
-    "make_conditions",
-    "read_conditions",
-    "write_h5ad_atomic",
-    "add_parser",
-]
+__all__ = ["PerturbDiffPipeline", "add_parser"]
 
-CONDITION_COLUMNS = ("perturbation", "context", "batch", "dose")
 # With --allow-missing-genes at least this fraction of the model's genes must be in the data:
 # a prediction from mostly zero-filled inputs is not a prediction.
 MIN_GENE_FRACTION = 0.5
-
-
-# --------------------------------------------------------------------------- conditions
-def make_conditions(perturbation, context, batch=None, dose=None) -> pd.DataFrame:
-    """All combinations of the given perturbations x contexts (x batches x doses), one row each.
-
-    Each argument is a name / number or a list of them; ``None`` leaves batch / dose unset.
-    """
-
-    def as_list(v):
-        return [None] if v is None else ([v] if isinstance(v, (str, int, float)) else list(v))
-
-    if perturbation is None or context is None:
-        raise ValueError("conditions need at least a perturbation and a context")
-    rows = itertools.product(as_list(perturbation), as_list(context), as_list(batch), as_list(dose))
-    return _clean_conditions(pd.DataFrame(list(rows), columns=list(CONDITION_COLUMNS)))
-
-
-def read_conditions(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a CSV / TSV table of conditions with columns perturbation, context[, batch][, dose].
-
-    The separator is taken from the extension (``.tsv``/``.tab`` tab, else comma). Empty batch or
-    dose cells mean "not set". Names are read as text ("NA" stays the gene NA).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"conditions table {path} does not exist")
-    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    return _clean_conditions(table, source=str(path))
-
-
-def _clean_conditions(table: pd.DataFrame, source: str = "conditions") -> pd.DataFrame:
-    table = table.copy()
-    table.columns = [str(c).strip() for c in table.columns]
-    unknown = [c for c in table.columns if c not in CONDITION_COLUMNS]
-    missing = [c for c in ("perturbation", "context") if c not in table.columns]
-    if unknown or missing:
-        raise ValueError(
-            f"{source}: columns must be {list(CONDITION_COLUMNS)} (batch and dose optional); "
-            + (f"missing {missing}" if missing else "")
-            + ("; " if missing and unknown else "")
-            + (f"unknown {unknown}" if unknown else "")
-        )
-    if len(table) == 0:
-        raise ValueError(f"{source}: no conditions to predict")
-    out = pd.DataFrame(index=range(len(table)))
-    for col in ("perturbation", "context", "batch"):
-        values = table[col].tolist() if col in table.columns else [None] * len(table)
-        out[col] = [None if _is_missing(v) else str(v).strip() for v in values]
-    if out["perturbation"].isna().any() or out["context"].isna().any():
-        bad = out.index[out["perturbation"].isna() | out["context"].isna()].tolist()
-        raise ValueError(f"{source}: rows {bad[:10]} have an empty perturbation or context")
-    doses = []
-    for v in table["dose"].tolist() if "dose" in table.columns else [None] * len(table):
-        if _is_missing(v):
-            doses.append(np.nan)
-            continue
-        try:
-            doses.append(float(v))
-        except (TypeError, ValueError):
-            raise ValueError(f"{source}: dose {v!r} is not a number") from None
-    out["dose"] = np.asarray(doses, dtype=np.float64)
-    key = out.astype(str).agg("|".join, axis=1)
-    if key.duplicated().any():
-        raise ValueError(f"{source}: duplicated conditions {key[key.duplicated()].tolist()[:5]}")
-    return out
-
-
-def _is_missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.strip() == "")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -329,14 +248,14 @@ class PerturbDiffPipeline:
             return make_conditions(perturbation, context, batch, dose)
         if isinstance(conditions, (str, os.PathLike)):
             return read_conditions(conditions)
-        return _clean_conditions(pd.DataFrame(conditions))
+        return clean_conditions(pd.DataFrame(conditions))
 
     def _encode_conditions(self, conds: pd.DataFrame, features) -> tuple[dict, list]:
         cfg = self.config
         F = cfg.perturbation_feature_dim
         if features is not None and not F:
             raise ValueError("perturbation features given but the model takes none (perturbation_feature_dim = 0)")
-        feats = _feature_table(features, F) if features is not None else {}
+        feats = feature_table(features, F) if features is not None else {}
         known = set(cfg.perturbation_names)
         unknown = sorted({p for p in conds["perturbation"] if p not in known and p not in feats})
         if unknown:
@@ -480,22 +399,6 @@ class PerturbDiffPipeline:
 
 
 # --------------------------------------------------------------------------- helpers
-def _feature_table(features, dim: int) -> dict[str, np.ndarray]:
-    if isinstance(features, pd.DataFrame):
-        items = {str(k): row.to_numpy() for k, row in features.iterrows()}
-    else:
-        items = {str(k): np.asarray(v) for k, v in features.items()}
-    out = {}
-    for name, v in items.items():
-        v = np.asarray(v, dtype=np.float32).ravel()
-        if v.shape != (dim,):
-            raise ValueError(f"perturbation features for {name!r} have {v.size} values, the model takes {dim}")
-        if not np.isfinite(v).all():
-            raise ValueError(f"perturbation features for {name!r} are not finite")
-        out[name] = v
-    return out
-
-
 def _better_gene_column(var: pd.DataFrame, model_genes: Sequence[str], n_shared: int) -> str | None:
     genes = set(model_genes)
     best, best_n = None, n_shared
@@ -517,24 +420,6 @@ def _draw_cells(rng: np.random.Generator, cells: np.ndarray, n_cells: int, padde
     if padded > n_cells:
         order = np.concatenate([order, rng.choice(cells, padded - n_cells)])
     return order
-
-
-def condition_rngs(seed: int, condition: tuple) -> tuple[np.random.Generator, torch.Generator]:
-    """The random streams of one condition (control-cell draws, sampling noise).
-
-    They depend only on the seed and the condition's (perturbation, context, batch, dose), so a
-    condition's prediction does not change with the other rows of the table. The torch generator
-    lives on the CPU, so the noise is the same on every device.
-    """
-    key = zlib.crc32("|".join(str(v) for v in condition).encode())  # stable across processes, unlike hash()
-    ss = np.random.SeedSequence([int(seed), key])
-    torch_seed = int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
-    return np.random.default_rng(ss), torch.Generator().manual_seed(torch_seed)
-
-
-def write_h5ad_atomic(adata, path: str | os.PathLike) -> Path:
-    """Write ``adata`` to ``path`` through a temporary file in the same folder, then rename."""
-    return atomic_write(path, adata.write_h5ad)
 
 
 # --------------------------------------------------------------------------- command line
@@ -605,7 +490,7 @@ def _run(args) -> int:
         guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, batch_sets=args.batch_sets,
         progress=not args.no_progress,
     )
-    write_h5ad_atomic(pred, args.out)
+    atomic_write(args.out, pred.write_h5ad)
     n_cond = len(pred.uns["perturbdiff"]["conditions"])
     print(f"wrote {pred.n_obs} predicted cells x {pred.n_vars} genes ({n_cond} conditions, "
           f"{args.num_populations} population(s) each) to {args.out}")

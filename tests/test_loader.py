@@ -290,7 +290,7 @@ def test_control_fallback_to_another_batch(tmp_path):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_sparse_batches_densify_to_the_dense_batches(atlas_path, two_atlases, num_workers):
-    from perturbdiff.data.loader import SparseSets, densify
+    from perturbdiff.data.sparse import SparseSets, densify
 
     for atlases, mode in ((atlas_path, "conditional"), (list(two_atlases), "marginal")):  # identity and mapped genes
         kw = dict(set_size=M, batch_size=B, mode=mode, seed=3)

@@ -13,13 +13,8 @@ import torch
 
 import perturbdiff as pdiff
 from perturbdiff.cli import main
-from perturbdiff.expression import detect_input_space
-from perturbdiff.pipeline import (
-    PerturbDiffPipeline,
-    condition_rngs,
-    make_conditions,
-    read_conditions,
-)
+from perturbdiff.conditions import condition_rngs, make_conditions, read_conditions
+from perturbdiff.pipeline import PerturbDiffPipeline
 
 GENES = [f"gene{i}" for i in range(16)]
 STEPS = 3
@@ -229,15 +224,6 @@ def test_bad_input_errors(pipe, case):
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=message):
             predict(pipe, control, **kwargs)
-
-
-def test_detect_input_space():
-    counts = np.array([[0, 3, 10], [5, 0, 1]], dtype=np.float32)
-    assert detect_input_space(counts) == "counts"
-    assert detect_input_space(sp.csr_matrix(np.log1p(counts))) == "log1p"
-    assert detect_input_space(np.log1p(counts), "log1p") == "log1p"
-    with pytest.raises(ValueError, match="all zeros"):
-        detect_input_space(np.zeros((2, 3)))
 
 
 def test_conditions_helpers(tmp_path):

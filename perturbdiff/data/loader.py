@@ -17,6 +17,9 @@ control group (with replacement if it is shorter than m). If that pool is empty,
 the same (dataset, context) in another batch is used, chosen with probability proportional to its
 size; the builder guarantees every (dataset, context) with perturbed cells has controls.
 
+The module is long (~530 lines) because it is one `IterableDataset` whose epoch plan, sharding,
+resumable position and reads share state; the sparse batch format lives in `sparse`.
+
 Sharding. The epoch's sets are shuffled with (seed, epoch); rank r takes every world_size-th set,
 then cuts them into batches; DataLoader worker w of W produces batches w, w+W, ... (the DataLoader
 returns them in order, so the batch sequence is identical for any number of workers). Every set's
@@ -30,7 +33,6 @@ no set repeats.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..configuration import NULL_ID, encode_names
 from ..expression import Normalization, gene_columns, normalize_csr
 from .pairing import pair_order
+from .sparse import SparseSets, concat_csr, take_rows
 from .splits import as_split_spec
 from .store import Atlas
 from .vocab import atlas_vocabularies, gene_vocabulary
@@ -47,69 +50,6 @@ from .vocab import atlas_vocabularies, gene_vocabulary
 __all__ = ["CellSetDataset", "CellSetLoader"]
 
 _MODES = ("conditional", "marginal")
-
-
-@dataclass
-class SparseSets:
-    """A batch of B sets of m cells over G genes as one CSR matrix of B * m rows (``sparse=True``).
-
-    ``indptr`` int64 [B * m + 1], ``indices`` int32 [nnz] (gene columns), ``values`` float32 [nnz]
-    (normalised expression), ``shape`` (B, m, G). DataLoader workers and ``pin_memory`` pass it
-    through; `to` moves it and `to_dense` gives the [B, m, G] tensor on its device.
-    """
-
-    indptr: torch.Tensor
-    indices: torch.Tensor
-    values: torch.Tensor
-    shape: tuple
-
-    @classmethod
-    def from_numpy(cls, indptr, indices, values, shape) -> "SparseSets":
-        return cls(torch.from_numpy(np.ascontiguousarray(indptr, dtype=np.int64)),
-                   torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int32)),
-                   torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), tuple(int(s) for s in shape))
-
-    def pin_memory(self, device=None) -> "SparseSets":
-        return SparseSets(self.indptr.pin_memory(), self.indices.pin_memory(), self.values.pin_memory(), self.shape)
-
-    def to(self, device, non_blocking: bool = False) -> "SparseSets":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return SparseSets(move(self.indptr), move(self.indices), move(self.values), self.shape)
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense [B, m, G] float32 tensor, built on this object's device."""
-        B, m, G = self.shape
-        dev = self.values.device
-        rows = torch.repeat_interleave(torch.arange(B * m, device=dev), torch.diff(self.indptr),
-                                       output_size=self.values.numel())  # output_size: no device sync
-        out = torch.zeros(B * m * G, dtype=self.values.dtype, device=dev)
-        out[rows * G + self.indices.to(torch.int64)] = self.values
-        return out.view(B, m, G)
-
-
-def densify(batch: dict, device=None, non_blocking: bool = False) -> dict:
-    """A loader batch with every `SparseSets` made dense (and every tensor moved to ``device``)."""
-    out = {}
-    for key, value in batch.items():
-        if device is not None and isinstance(value, (torch.Tensor, SparseSets)):
-            value = value.to(device, non_blocking=non_blocking)
-        out[key] = value.to_dense() if isinstance(value, SparseSets) else value
-    return out
-
-
-def _take_rows(indptr, indices, data, rows):
-    """Rows ``rows`` (any order, repeats allowed) of a CSR block."""
-    starts = indptr[rows]
-    lens = indptr[rows + 1] - starts
-    new_indptr = np.concatenate([[0], np.cumsum(lens)])
-    pos = np.repeat(starts - new_indptr[:-1], lens) + np.arange(new_indptr[-1])
-    return new_indptr, indices[pos], data[pos]
-
-
-def _concat_csr(parts):
-    ips, ixs, ds = zip(*parts)
-    lens = np.concatenate([np.diff(ip) for ip in ips])
-    return np.concatenate([[0], np.cumsum(lens)]), np.concatenate(ixs), np.concatenate(ds)
 
 
 class _Source:
@@ -447,8 +387,8 @@ class CellSetDataset(IterableDataset):
     def _read_set(src: _Source, plan) -> tuple:
         ranges, take = plan
         parts = [src.atlas.read_rows(a, b) for a, b in ranges]
-        csr = parts[0] if len(parts) == 1 else _concat_csr(parts)
-        return csr if take is None else _take_rows(*csr, take)
+        csr = parts[0] if len(parts) == 1 else concat_csr(parts)
+        return csr if take is None else take_rows(*csr, take)
 
     def batch_rows(self, index: int, epoch: int | None = None) -> list[dict]:
         """The atlas rows of the cells of this rank's batch ``index`` (for inspection and benchmarks).
@@ -492,7 +432,7 @@ class CellSetDataset(IterableDataset):
             if conditional:
                 ctrl = (indptr[B * m :] - split, cols[split:], values[split:])
                 if order is not None:
-                    ctrl = _take_rows(*ctrl, (order + np.arange(B)[:, None] * m).ravel())
+                    ctrl = take_rows(*ctrl, (order + np.arange(B)[:, None] * m).ravel())
                 batch["control"] = SparseSets.from_numpy(*ctrl, (B, m, G))
         else:
             batch = {"x0": torch.from_numpy(dense[:B])}
@@ -516,7 +456,7 @@ class CellSetDataset(IterableDataset):
         for (ip, ix, d), src in sets:
             cols = ix if src.gene_map is None else src.gene_map[ix]
             mapped.append((ip, cols, d))
-        indptr, cols, data = _concat_csr(mapped)
+        indptr, cols, data = concat_csr(mapped)
         # per-cell totals over every gene the atlas measures, before mapping to the vocabulary
         values = normalize_csr(indptr, data, self.normalization)
         if any(src.gene_map is not None for _, src in sets):

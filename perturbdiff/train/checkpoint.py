@@ -79,26 +79,26 @@ def save_resume_state(accelerator, output_dir: Path, step: int, *, ema: EMA | No
     """Write a resume state atomically (a collective: every rank calls it) and prune old ones."""
     from safetensors.torch import save_file
 
-    acc = accelerator
+    accelerator = accelerator
     root = output_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    if ema is not None and acc.is_main_process:
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if ema is not None and accelerator.is_main_process:
         save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
-    atomic_json(tmp / f"trainer_state_rank{acc.process_index}.json", rank_state)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    atomic_json(tmp / f"trainer_state_rank{accelerator.process_index}.json", rank_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         (tmp / "COMPLETE").write_text(str(step))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return final
 
 

@@ -144,8 +144,8 @@ class Trainer:
             log_with=tracker,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
-        acc = self.accelerator
-        self.rank, self.world_size = acc.process_index, acc.num_processes
+        accelerator = self.accelerator
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.is_deepspeed = ds_plugin is not None
         self.zero_stage = ds_plugin.zero_stage if ds_plugin is not None else 0
 
@@ -182,13 +182,13 @@ class Trainer:
             [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=optim.lr, betas=tuple(optim.betas),
         )
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.step = 0
         self.cells_seen = 0
 
         self.cells_per_step = data.batch_size * data.set_size * optim.grad_accum * self.world_size
         if self.is_deepspeed:
-            ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+            ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
             assert ds_cfg["train_batch_size"] * data.set_size == self.cells_per_step, "DeepSpeed batch arithmetic"
 
     # ------------------------------------------------------------------ data
@@ -297,19 +297,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Path:
-        acc, train, optim = self.accelerator, self.cfg.train, self.cfg.optim
+        accelerator, train, optim = self.accelerator, self.cfg.train, self.cfg.optim
         if self.cfg.resume:
             self.resume()
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_json(self.output_dir / "train_config.json", self.cfg.to_dict())
-        if acc.log_with:
+        if accelerator.log_with:
             hparams = flatten(self.cfg.to_dict(), keep=())
-            acc.init_trackers("perturbdiff", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            accelerator.init_trackers("perturbdiff", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in hparams.items()})
         self._print(
             f"PerturbDiff {train.objective} training: {self.model_config.num_genes} genes, "
-            f"{sum(p.numel() for p in acc.unwrap_model(self.model).parameters()) / 1e6:.2f}M parameters, "
+            f"{sum(p.numel() for p in accelerator.unwrap_model(self.model).parameters()) / 1e6:.2f}M parameters, "
             f"{self.world_size} process(es){', DeepSpeed ZeRO-' + str(self.zero_stage) if self.is_deepspeed else ''}\n"
             f"batch: {self.cfg.data.batch_size} sets x {self.cfg.data.set_size} cells x {optim.grad_accum} accumulation "
             f"x {self.world_size} processes = {self.cells_per_step} cells per optimizer step"
@@ -317,12 +317,12 @@ class Trainer:
         sets_file = None
         if train.record_sets:
             (self.output_dir / "sets").mkdir(parents=True, exist_ok=True)
-            acc.wait_for_everyone()
+            accelerator.wait_for_everyone()
             sets_file = open(self.output_dir / "sets" / f"rank{self.rank}.jsonl", "a")
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_main_process, desc="training",
+        bar = tqdm(total=train.max_steps, initial=self.step, disable=not accelerator.is_main_process, desc="training",
                    dynamic_ncols=True)
         batches = self._batches()
         start, window_start, window_cells = time.time(), time.time(), 0
@@ -334,7 +334,7 @@ class Trainer:
                 bar.close()
                 self.save_checkpoint()
                 self._print(f"stopped after {train.stop_after_steps} steps at step {self.step}; continue with --resume")
-                acc.end_training()
+                accelerator.end_training()
                 return self.output_dir / "checkpoints"
             lr = lr_at(self.step, optim, train.max_steps)
             for group in self.optimizer.param_groups:
@@ -343,17 +343,17 @@ class Trainer:
             if sets_file is not None:
                 sets_file.write(json.dumps({"step": self.step, "sets": _set_ids(batch)}) + "\n")
             batch = self._to_device(batch)
-            with acc.accumulate(self.model):
+            with accelerator.accumulate(self.model):
                 out = training_step(self.model, self.diffusion, batch, self.objective,
                                     generator=self.generator, shared_generator=self.shared_generator)
-                acc.backward(out["loss"])
-                if acc.sync_gradients and not self.is_deepspeed and optim.grad_clip > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), optim.grad_clip)
+                accelerator.backward(out["loss"])
+                if accelerator.sync_gradients and not self.is_deepspeed and optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(self.model.parameters(), optim.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             for k in running:
                 running[k] += out[k].detach().float().item() / optim.grad_accum
-            if not acc.sync_gradients:
+            if not accelerator.sync_gradients:
                 continue
 
             # ---- one optimizer step done
@@ -361,7 +361,7 @@ class Trainer:
             self.step += 1
             self.cells_seen += self.cells_per_step
             window_cells += self.cells_per_step
-            reduced = acc.reduce(torch.tensor([running["loss"], running["mmd"], running["mse"]], device=acc.device), "mean")
+            reduced = accelerator.reduce(torch.tensor([running["loss"], running["mmd"], running["mse"]], device=accelerator.device), "mean")
             running = {k: 0.0 for k in running}
             logs = {"loss": reduced[0].item(), "mmd": reduced[1].item(), "mse": reduced[2].item(), "lr": lr}
             bar.update(1)
@@ -389,9 +389,9 @@ class Trainer:
             f"done: {self.step} steps in {elapsed:.1f} s, {self.cells_seen:,} cells seen "
             f"({self.cells_seen / max(elapsed, 1e-9):,.0f} cells/s); export: {export_dir}"
         )
-        if self.cfg.push_to_hub and acc.is_main_process:
+        if self.cfg.push_to_hub and accelerator.is_main_process:
             checkpoint.push_to_hub(export_dir, self.cfg.push_to_hub)
-        acc.end_training()
+        accelerator.end_training()
         return export_dir
 
     # ------------------------------------------------------------------ validation
@@ -468,18 +468,18 @@ class Trainer:
 
     def export(self, path: str | os.PathLike) -> Path:
         """``save_pretrained`` folder with the EMA weights (or the live ones) and a model card."""
-        acc = self.accelerator
+        accelerator = self.accelerator
         path = Path(path)
         if self.ema is not None:
             state = self.ema.state_dict()
         else:
-            state = acc.get_state_dict(self.model)  # a collective under ZeRO-3: every rank calls it
-        if acc.is_main_process:
+            state = accelerator.get_state_dict(self.model)  # a collective under ZeRO-3: every rank calls it
+        if accelerator.is_main_process:
             card = checkpoint.model_card(self.model_config, self.cfg, step=self.step, cells_seen=self.cells_seen,
                                          world_size=self.world_size, ema_on=self.ema is not None,
                                          logs=self.last_logs, extra=self.model_card)
             checkpoint.write_export(path, self.model_config, state, card)
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         return path
 
 
