@@ -31,7 +31,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SplitSpec", "SPLITS", "as_split_spec", "with_validation_groups", "split_for_evaluation"]
+__all__ = ["SplitSpec", "SPLITS", "as_split_spec", "with_validation_groups", "split_for_evaluation",
+           "check_held_out_names", "split_counts"]
 
 SPLITS = ("train", "val", "test")
 
@@ -119,7 +120,10 @@ class SplitSpec:
     # -- assignment --------------------------------------------------------------------------------
 
     def assign(self, dataset: str, context: str, perturbation: str, is_control: bool) -> frozenset:
-        """The splits a group belongs to (empty: excluded). Exact "dataset.context" keys win over "context"."""
+        """The splits a group belongs to (empty: excluded).
+
+        A zeroshot rule for the exact "dataset.context" wins over one for "context"; fewshot rules
+        of both keys add up (a group listed under either is in that split, never in train)."""
         keys = (f"{dataset}.{context}", context)
         for k in keys:
             if k in self.zeroshot:
@@ -129,12 +133,13 @@ class SplitSpec:
         else:
             default = self.training.get(dataset)
         if not is_control:
-            for k in keys:
-                if k in self.fewshot:
-                    hit = frozenset(s for s, perts in self.fewshot[k].items() if perturbation in perts)
-                    if hit:
-                        return hit
-                    break
+            # every rule naming this context counts: a validation rule added under "dataset.context"
+            # must not hide the user's test rule written as "context" (the held-out cells would be
+            # trained on)
+            hit = frozenset(s for k in keys if k in self.fewshot
+                            for s, perts in self.fewshot[k].items() if perturbation in perts)
+            if hit:
+                return hit
         return frozenset([default]) if default else frozenset()
 
 
@@ -242,3 +247,41 @@ def split_for_evaluation(
     contexts = np.unique(ctx[held])
     ctrl_rows = is_ctrl & np.isin(ctx, contexts)
     return {"real": adata[held | ctrl_rows].copy(), "train": adata[in_train].copy(), "control": adata[ctrl_rows].copy()}
+
+
+# --------------------------------------------------------------------------- checks and counts
+def check_held_out_names(contexts, perturbations, atlases) -> None:
+    """Raise ``ValueError`` when a held-out context or perturbation matches nothing in the atlases.
+
+    A misspelt name (``a172`` for ``A172``) would otherwise hold out nothing and train on
+    everything, silently.
+    """
+    from .vocab import atlas_vocabularies
+
+    vocab = atlas_vocabularies(atlases)
+    for flag, names, known in (("--heldout-contexts / data.heldout_contexts", contexts, vocab["context"]),
+                               ("--heldout-perturbations / data.heldout_perturbations", perturbations, vocab["perturbation"])):
+        unknown = [str(n) for n in names or [] if str(n) not in known]
+        if unknown:
+            shown = ", ".join(known[:30]) + (" ..." if len(known) > 30 else "")
+            raise ValueError(f"{flag}: {unknown} match nothing in the data (known, {len(known)}: {shown})")
+
+
+def split_counts(spec: SplitSpec | None, atlases, set_size: int) -> dict:
+    """Perturbed groups, cells and sets per split (``{"train": {...}, "val": ..., "test": ...}``) and control cells."""
+    import numpy as np
+
+    out = {s: {"groups": 0, "cells": 0, "sets": 0} for s in SPLITS}
+    out["control_cells"] = 0
+    for atlas in atlases:
+        g = atlas.groups
+        sizes = (g["stop"] - g["start"]).to_numpy()
+        for ds, ctx, pert, ctl, n in zip(g["dataset"], g["context"], g["perturbation"], g["is_control"], sizes):
+            if ctl:
+                out["control_cells"] += int(n)
+                continue
+            for split in (spec.assign(ds, ctx, pert, False) if spec is not None else frozenset(["train"])):
+                out[split]["groups"] += 1
+                out[split]["cells"] += int(n)
+                out[split]["sets"] += int(np.ceil(n / set_size))
+    return out

@@ -219,6 +219,7 @@ class Trainer:
     def _build_loaders(self, atlases, config: PerturbDiffConfig, data_vocab: dict):
         """Training and validation loaders for this rank, in the model's vocabularies."""
         from ..data import CellSetDataset, SplitSpec, with_validation_groups
+        from ..data.splits import check_held_out_names, split_counts
 
         data, train = self.cfg.data, self.cfg.train
         paths = [a.path for a in atlases]
@@ -234,8 +235,13 @@ class Trainer:
         if data.split_file:
             spec = SplitSpec.load(data.split_file)
         elif data.heldout_contexts or data.heldout_perturbations:
+            check_held_out_names(data.heldout_contexts, data.heldout_perturbations, atlases)
             spec = SplitSpec.held_out(data.heldout_contexts, data.heldout_perturbations, split="test")
         spec = with_validation_groups(spec, atlases, data.val_fraction, seed=train.seed)
+        counts = split_counts(spec, atlases, data.set_size)
+        self._print(f"split (perturbed groups / cells / sets of {data.set_size}): " + ", ".join(
+            f"{s} {counts[s]['groups']} / {counts[s]['cells']:,} / {counts[s]['sets']}" for s in ("train", "val", "test"))
+            + f"; {counts['control_cells']:,} control cells")
 
         common = dict(set_size=data.set_size, batch_size=data.batch_size, weights=data.weights, normalization=config.norm,
                       gene_names=config.gene_names, perturbation_names=config.perturbation_names,
