@@ -138,6 +138,7 @@ def _train(args, bench, stage: str, atlas: Path, out: Path) -> tuple[Path, float
         script, "--config", str(Path(config).resolve()), "--atlas", str(atlas.resolve()),
         "--output-dir", str((out / stage).resolve()), "--max-steps", str(steps), "--seed", str(args.seed),
         "--heldout-contexts", *args.heldout_contexts, "--heldout-perturbations", *args.heldout_perturbations,
+        "--overwrite",  # a benchmark rerun replaces its own earlier stage (train.log is written beside it)
     ]
     if stage == "finetuned":
         cmd += ["--base", str((out / "pretrain" / "model").resolve())]
@@ -150,8 +151,6 @@ def _train(args, bench, stage: str, atlas: Path, out: Path) -> tuple[Path, float
         overrides.append(f"optim.lr={args.lr}")
     overrides += args.pretrain_override if stage == "pretrain" else args.finetune_override
     (out / stage).mkdir(parents=True, exist_ok=True)
-    for old in ("metrics.jsonl",):  # a rerun starts a fresh log
-        (out / stage / old).unlink(missing_ok=True)
     seconds = _run(cmd + overrides, out / stage / "train.log")
     print(f"{stage}: {steps} steps in {seconds:.0f} s -> {model_dir}", flush=True)
     return model_dir, seconds

@@ -40,7 +40,7 @@ def run(atlas, out, preset, processes, deepspeed, args, env) -> dict:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), str(ROOT / "pretrain" / "run.py")]
     cmd += ["--config", str(ROOT / "pretrain" / "configs" / "default.yaml"), "--atlas", str(atlas),
-            "--output-dir", str(out), "--preset", preset, "--max-steps", str(args.steps),
+            "--output-dir", str(out), "--overwrite", "--preset", preset, "--max-steps", str(args.steps),
             f"data.set_size={args.set_size}", f"data.batch_size={args.sets}", "train.log_every=1",
             "train.val_every=0", "train.save_every=0", "train.tracker=none", "data.val_fraction=0"]
     if deepspeed:

@@ -13,6 +13,7 @@ Two kinds of checkpoint, as in diffusers / torchtitan:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,7 +26,12 @@ from ..files import atomic_json
 from ..modeling import PerturbDiffModel
 
 __all__ = ["EMA", "CHECKPOINT_PREFIX", "list_checkpoints", "save_resume_state", "load_trainer_state",
+           "newest_intact_checkpoint", "verify_manifest", "claim_output_dir", "check_finite", "truncate_metrics",
            "write_export", "model_card", "push_to_hub"]
+
+MANIFEST = "MANIFEST.json"
+# What a run writes into its output directory (an earlier run's files are never mixed with a new run's).
+RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "exports", "model", "logs", "sets", "atlases")
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -76,30 +82,90 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 def save_resume_state(accelerator, output_dir: Path, step: int, *, ema: EMA | None, rank_state: dict,
                       keep_last: int) -> Path:
-    """Write a resume state atomically (a collective: every rank calls it) and prune old ones."""
+    """Write a resume state atomically (a collective: every rank calls it) and prune old ones.
+
+    Every file is listed with its size and CRC32C in ``MANIFEST.json`` before ``COMPLETE`` is
+    written; `newest_intact_checkpoint` verifies it before anything is loaded. A full disk is an
+    error that says so, and the partial folder is removed.
+    """
     from safetensors.torch import save_file
 
-    accelerator = accelerator
     root = output_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if ema is not None and accelerator.is_main_process:
-        save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
-    atomic_json(tmp / f"trainer_state_rank{accelerator.process_index}.json", rank_state)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "COMPLETE").write_text(str(step))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if ema is not None and accelerator.is_main_process:
+            save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+        atomic_json(tmp / f"trainer_state_rank{accelerator.process_index}.json", rank_state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_json(tmp / MANIFEST, {"step": step, "files": _file_table(tmp)})
+            (tmp / "COMPLETE").write_text(str(step))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device writing checkpoint {final} (the partial "
+                                        f"checkpoint was removed; earlier checkpoints are intact)") from err
+        raise
     accelerator.wait_for_everyone()
     return final
+
+
+def _crc32c(path: Path) -> str:
+    import google_crc32c
+
+    digest = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest().decode()
+
+
+def _file_table(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "crc32c": _crc32c(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+
+
+def verify_manifest(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (None when every file matches its manifest, and no file is extra)."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        return "it has no MANIFEST.json"
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"its MANIFEST.json is unreadable ({err})"
+    present = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+    extra, missing = sorted(present - set(listed)), sorted(set(listed) - present)
+    if extra or missing:
+        return f"files differ from its manifest (extra {extra[:3]}, missing {missing[:3]})"
+    for name, entry in listed.items():
+        f = ckpt / name
+        if f.stat().st_size != entry["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
+        if _crc32c(f) != entry["crc32c"]:
+            return f"{name} does not match its checksum (damaged or changed after it was written)"
+    return None
+
+
+def newest_intact_checkpoint(output_dir: Path, log=print) -> Path | None:
+    """The newest complete checkpoint whose manifest verifies; the ones skipped are named with why."""
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        problem = verify_manifest(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"--resume: skipping checkpoint {ckpt}: {problem}")
+    return None
 
 
 def load_trainer_state(ckpt: Path, rank: int, world_size: int) -> dict:
@@ -113,15 +179,69 @@ def load_trainer_state(ckpt: Path, rank: int, world_size: int) -> dict:
     return state
 
 
+# =========================================================================== guards
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``FloatingPointError`` naming the first parameters that hold NaN or inf."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and t.numel() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"not writing {what}: {len(bad)} parameter(s) hold NaN or inf (e.g. {bad[:3]})")
+
+
+def claim_output_dir(accelerator, output_dir: Path, cfg) -> None:
+    """Refuse to mix a new run with an earlier one in ``output_dir``.
+
+    A directory holding a run is used only with ``resume`` (the same run: its saved config must
+    agree, up to `RESUMABLE_CHANGES`) or ``overwrite`` (the earlier run's files are removed first).
+    """
+    from .config import config_differences
+
+    present = [name for name in RUN_FILES if (output_dir / name).exists()] if output_dir.is_dir() else []
+    holds_run = any(name in present for name in ("train_config.json", "metrics.jsonl", "checkpoints", "model"))
+    if holds_run and cfg.overwrite:
+        if accelerator.is_main_process:
+            for name in present:
+                target = output_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        accelerator.wait_for_everyone()
+        return
+    if holds_run and not cfg.resume:
+        raise FileExistsError(f"output directory {output_dir} holds an earlier run ({', '.join(present)}): pass --resume "
+                              "to continue it, --overwrite to replace it, or choose another --output-dir")
+    saved = output_dir / "train_config.json"
+    if cfg.resume and saved.is_file():
+        diff = config_differences(json.loads(saved.read_text()), cfg)
+        if diff:
+            raise ValueError(f"--resume: this run's config differs from the run in {output_dir}: {'; '.join(diff[:8])}"
+                             + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
+                             + "; resume with the same settings, or start a new run with --overwrite / another --output-dir")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the logged rows after ``step`` (a resumed run logs them again: no duplicate steps)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    from ..files import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows)))
+
+
 # =========================================================================== exports
 def write_export(path: Path, config: PerturbDiffConfig, state: dict[str, torch.Tensor], card: str) -> Path:
-    """A ``save_pretrained`` folder from a full state dict, written to a temporary sibling and renamed."""
+    """A ``save_pretrained`` folder from a full state dict, written to a temporary sibling and renamed.
+
+    Weights that are not finite are refused: a NaN model is never exported (nor pushed).
+    """
+    check_finite(state, f"the export {path}")
     model = PerturbDiffModel(config)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
+    for f in tmp.iterdir():  # an export is meant to be shared: readable by others
+        f.chmod(0o644)
+    tmp.chmod(0o755)
     shutil.rmtree(path, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, path)

@@ -25,7 +25,8 @@ def build_arg_parser(description: str, default_config: str | os.PathLike, *, fin
     p.add_argument("--output-dir", help="where checkpoints, logs and the export go")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--deepspeed", help="DeepSpeed JSON (ds_configs/zero1.json, zero2.json, zero3.json, zero3_offload.json)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest intact checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir (refused otherwise)")
     p.add_argument("--seed", type=int)
     p.add_argument("--preset", help="model size preset (debug, small, base, large)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the final export to the hub")
@@ -57,7 +58,7 @@ def config_from_args(args) -> TrainConfig:
     flags = {
         "data.atlas": args.atlas or get("screen"), "data.weights": args.atlas_weights, "output_dir": args.output_dir,
         "train.max_steps": args.max_steps, "deepspeed": args.deepspeed, "train.seed": args.seed,
-        "model.preset": args.preset, "push_to_hub": args.push_to_hub, "resume": args.resume or None,
+        "model.preset": args.preset, "push_to_hub": args.push_to_hub, "resume": args.resume or None, "overwrite": args.overwrite or None,
         "model.base": get("base"), "model.new_genes": get("new_genes"), "data.split_file": get("split_file"),
         "data.heldout_contexts": get("heldout_contexts"), "data.heldout_perturbations": get("heldout_perturbations"),
     }
@@ -73,11 +74,20 @@ def config_from_args(args) -> TrainConfig:
 def main(argv: list[str] | None = None, *, description: str = "PerturbDiff training",
          default_config: str | os.PathLike, finetune: bool = False) -> Path:
     """Entry point of ``pretrain/run.py`` and ``finetune/run.py``: parse, build the trainer, fit, export."""
+    parser = build_arg_parser(description, default_config, finetune=finetune)
+    args = parser.parse_args(argv)
+    try:
+        return _train(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        # bad input and diverged runs end with one line naming the problem, and a non-zero exit
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def _train(args) -> Path:
     import torch
 
     from .loop import Trainer
 
-    args = build_arg_parser(description, default_config, finetune=finetune).parse_args(argv)
     cfg = config_from_args(args)
     factory, card = None, {}
     if cfg.model.base:
@@ -90,9 +100,8 @@ def main(argv: list[str] | None = None, *, description: str = "PerturbDiff train
                                     overrides=cfg.model.overrides, seed=cfg.train.seed, log=partial(print, flush=True))
 
         card = {"base model": cfg.model.base, "screen": ", ".join(map(str, cfg.data.atlas))}
-    trainer = Trainer(cfg, model_factory=factory, model_card=card)
     try:
-        return trainer.fit()
+        return Trainer(cfg, model_factory=factory, model_card=card).fit()
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..objective import Objective, ObjectiveSettings
 
 __all__ = ["TrainConfig", "ModelSection", "DataSection", "OptimSection", "TrainSection", "load_train_config",
-           "flatten"]
+           "flatten", "config_differences"]
 
 
 @dataclass
@@ -74,6 +74,9 @@ class TrainSection(ObjectiveSettings):
     stop_after_steps: int = 0  # >0: leave after this many steps of this invocation, with a checkpoint
     #                             (jobs under a cluster time limit; continue with --resume)
     record_sets: bool = False  # write the ids of every set each rank trained on (for tests)
+    # consecutive optimizer steps with a non-finite loss or gradient that are skipped before the run
+    # stops with an error (the last good checkpoint stays; no export is written)
+    max_skipped_steps: int = 3
 
 
 @dataclass
@@ -85,6 +88,7 @@ class TrainConfig:
     output_dir: str = "runs/pretrain"
     deepspeed: str | None = None  # a ds_configs/*.json file
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run in output_dir (otherwise a used output_dir is refused)
     push_to_hub: str | None = None  # a hub repo id; pushed after the final export
 
     def __post_init__(self):
@@ -108,7 +112,8 @@ class TrainConfig:
                                 ("train.max_steps", t.max_steps, 1), ("train.log_every", t.log_every, 1),
                                 ("train.val_every", t.val_every, 0), ("train.save_every", t.save_every, 0),
                                 ("train.keep_last", t.keep_last, 1), ("train.export_every", t.export_every, 0),
-                                ("train.stop_after_steps", t.stop_after_steps, 0)):
+                                ("train.stop_after_steps", t.stop_after_steps, 0),
+                                ("train.max_skipped_steps", t.max_skipped_steps, 0)):
             if value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")
         for key, value in (("optim.lr", o.lr), ("optim.grad_clip", o.grad_clip), ("optim.weight_decay", o.weight_decay)):
@@ -130,9 +135,32 @@ class TrainConfig:
             raise ValueError(f"data.sparse_batches must be true, false or 'auto', got {d.sparse_batches!r}")
         if d.weights is not None and len(d.weights) != len(d.atlas):
             raise ValueError(f"data.weights has {len(d.weights)} values for {len(d.atlas)} atlases")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in output_dir, --overwrite replaces it: give one of them")
 
 
 # =========================================================================== reading
+# Keys that may differ when a run is resumed: how long it runs and how it reports, not what it learns.
+RESUMABLE_CHANGES = ("resume", "overwrite", "push_to_hub", "train.max_steps", "train.stop_after_steps",
+                     "train.log_every", "train.val_every", "train.save_every", "train.keep_last", "train.export_every",
+                     "train.tracker", "train.record_sets", "train.max_skipped_steps", "data.num_workers", "data.val_batches")
+
+
+def config_differences(saved: dict, cfg: "TrainConfig") -> list[str]:
+    """The keys (``a.b=saved -> now``) in which ``cfg`` differs from a run's saved ``train_config.json``."""
+    old, new = flatten(saved, keep=()), flatten(cfg.to_dict(), keep=())
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES or any(key.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            out.append(f"{key}={a!r} -> {b!r}")
+    return out
+
+
 def _check_type(key: str, value, default):
     """``value`` must have the type of the field's ``default`` (ints are accepted for floats)."""
     if default is None or value is None:
@@ -142,6 +170,11 @@ def _check_type(key: str, value, default):
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, str):

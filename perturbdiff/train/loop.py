@@ -146,6 +146,7 @@ class Trainer:
         )
         accelerator = self.accelerator
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        checkpoint.claim_output_dir(accelerator, self.output_dir, cfg)
         self.is_deepspeed = ds_plugin is not None
         self.zero_stage = ds_plugin.zero_stage if ds_plugin is not None else 0
 
@@ -334,7 +335,7 @@ class Trainer:
         start, window_start, window_cells = time.time(), time.time(), 0
         running = {"loss": 0.0, "mmd": 0.0, "mse": 0.0}
         postfix: dict = {}
-        first_step = self.step
+        first_step, skipped = self.step, 0
         while self.step < train.max_steps:
             if train.stop_after_steps and self.step - first_step >= train.stop_after_steps:
                 bar.close()
@@ -353,14 +354,30 @@ class Trainer:
                 out = training_step(self.model, self.diffusion, batch, self.objective,
                                     generator=self.generator, shared_generator=self.shared_generator)
                 accelerator.backward(out["loss"])
-                if accelerator.sync_gradients and not self.is_deepspeed and optim.grad_clip > 0:
-                    accelerator.clip_grad_norm_(self.model.parameters(), optim.grad_clip)
-                self.optimizer.step()
+                finite = True
+                if accelerator.sync_gradients:
+                    finite = self._finite_step(out["loss"], optim.grad_clip)
+                if finite:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            if not finite:  # the step is skipped: no update, no EMA, the step count stays
+                skipped += 1
+                running = {k: 0.0 for k in running}
+                self._print(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
+                            f"({skipped} in a row; train.max_skipped_steps={train.max_skipped_steps})")
+                if skipped > train.max_skipped_steps or self.is_deepspeed:  # DeepSpeed steps inside backward
+                    bar.close()
+                    last = checkpoint.list_checkpoints(self.output_dir)
+                    raise FloatingPointError(
+                        f"training diverged: non-finite loss or gradient at step {self.step + 1} for {skipped} steps in a "
+                        f"row (data with inf/NaN, a learning rate too high, or a damaged state); no export was written"
+                        + (f"; the last good checkpoint is {last[-1]}" if last else ""))
+                continue
             for k in running:
                 running[k] += out[k].detach().float().item() / optim.grad_accum
             if not accelerator.sync_gradients:
                 continue
+            skipped = 0
 
             # ---- one optimizer step done
             self._update_ema()
@@ -400,6 +417,16 @@ class Trainer:
         accelerator.end_training()
         return export_dir
 
+    def _finite_step(self, loss: torch.Tensor, grad_clip: float) -> bool:
+        """Clip the gradients and say whether the loss and the gradient norm are finite on every rank."""
+        accelerator = self.accelerator
+        ok = bool(torch.isfinite(loss.detach()).all())
+        if not self.is_deepspeed:  # DeepSpeed clips inside its step; its loss is checked
+            norm = accelerator.clip_grad_norm_(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+            ok = ok and bool(torch.isfinite(torch.as_tensor(norm)).all())
+        flag = accelerator.reduce(torch.tensor([0.0 if ok else 1.0], device=accelerator.device), "sum")
+        return float(flag[0]) == 0.0
+
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -435,13 +462,15 @@ class Trainer:
             self.accelerator.log({f"train/{k}" if k != "val_loss" else "val/loss": v for k, v in logs.items()}, step=self.step)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **logs}) + "\n")
+            row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in logs.items()}
+            with open(self.output_dir / "metrics.jsonl", "a") as f:  # JSON Lines: no bare NaN
+                f.write(json.dumps({"step": self.step, **row}, allow_nan=False) + "\n")
         self.last_logs = logs
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write a resume state (every rank calls it)."""
+        """Write a resume state (every rank calls it); weights that are not finite are refused."""
+        checkpoint.check_finite(self.accelerator.unwrap_model(self.model).state_dict(), f"the model at step {self.step}")
         return checkpoint.save_resume_state(self.accelerator, self.output_dir, self.step, ema=self.ema, keep_last=self.cfg.train.keep_last,
                                             rank_state={
                                                 "step": self.step,
@@ -453,14 +482,17 @@ class Trainer:
                                             })
 
     def resume(self) -> bool:
-        """Restore the latest complete checkpoint; False when there is none (the run starts fresh)."""
+        """Restore the newest intact checkpoint; False when there is none (the run starts fresh).
+
+        Each checkpoint's manifest (sizes and checksums of every file, written by this run) is
+        verified before anything in it is loaded; a damaged or tampered one is skipped, saying why.
+        """
         from safetensors.torch import load_file
 
-        ckpts = checkpoint.list_checkpoints(self.output_dir)
-        if not ckpts:
-            self._print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}, starting from step 0")
+        ckpt = checkpoint.newest_intact_checkpoint(self.output_dir, log=self._print)
+        if ckpt is None:
+            self._print(f"--resume: no intact checkpoint in {self.output_dir / 'checkpoints'}, starting from step 0")
             return False
-        ckpt = ckpts[-1]
         state = checkpoint.load_trainer_state(ckpt, self.rank, self.world_size)
         self.accelerator.load_state(str(ckpt))
         if self.ema is not None:
@@ -469,6 +501,8 @@ class Trainer:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.shared_generator.set_state(torch.tensor(state["shared_generator"], dtype=torch.uint8))
         self.train_data.load_state_dict(state["data"])
+        if self.accelerator.is_main_process:  # the steps after the checkpoint will be logged again
+            checkpoint.truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         self._print(f"resumed from {ckpt} at step {self.step}")
         return True
 
