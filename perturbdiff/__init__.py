@@ -1,6 +1,12 @@
 """PerturbDiff: functional diffusion over sets of cells for single-cell perturbation modelling."""
 
+import os as _os
+
+import torch as _torch
 from transformers import AutoConfig, AutoModel
+
+if not _torch.cuda.is_available():  # DeepSpeed (imported by transformers on loading) then warns on every load
+    _os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from .configuration import COVARIATES, MODEL_PRESETS, NULL_ID, PerturbDiffConfig
 from .diffusion import GaussianDiffusion, apply_guidance

@@ -18,10 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["CONDITION_COLUMNS", "make_conditions", "read_conditions", "clean_conditions", "feature_table",
+__all__ = ["CONDITION_COLUMNS", "NUM_CELLS", "make_conditions", "read_conditions", "clean_conditions", "feature_table",
            "condition_rngs"]
 
 CONDITION_COLUMNS = ("perturbation", "context", "batch", "dose")
+# optional column of a table: predicted cells per population for that row (empty or 0: the default)
+NUM_CELLS = "num_cells"
 
 
 def make_conditions(perturbation, context, batch=None, dose=None) -> pd.DataFrame:
@@ -40,7 +42,7 @@ def make_conditions(perturbation, context, batch=None, dose=None) -> pd.DataFram
 
 
 def read_conditions(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a CSV / TSV table of conditions with columns perturbation, context[, batch][, dose].
+    """Read a CSV / TSV table of conditions with columns perturbation, context[, batch][, dose][, num_cells].
 
     The separator is taken from the extension (``.tsv``/``.tab`` tab, else comma). Empty batch or
     dose cells mean "not set". Names are read as text ("NA" stays the gene NA).
@@ -56,11 +58,11 @@ def read_conditions(path: str | os.PathLike) -> pd.DataFrame:
 def clean_conditions(table: pd.DataFrame, source: str = "conditions") -> pd.DataFrame:
     table = table.copy()
     table.columns = [str(c).strip() for c in table.columns]
-    unknown = [c for c in table.columns if c not in CONDITION_COLUMNS]
+    unknown = [c for c in table.columns if c not in CONDITION_COLUMNS + (NUM_CELLS,)]
     missing = [c for c in ("perturbation", "context") if c not in table.columns]
     if unknown or missing:
         raise ValueError(
-            f"{source}: columns must be {list(CONDITION_COLUMNS)} (batch and dose optional); "
+            f"{source}: columns must be {list(CONDITION_COLUMNS) + [NUM_CELLS]} (batch, dose, num_cells optional); "
             + (f"missing {missing}" if missing else "")
             + ("; " if missing and unknown else "")
             + (f"unknown {unknown}" if unknown else "")
@@ -84,7 +86,20 @@ def clean_conditions(table: pd.DataFrame, source: str = "conditions") -> pd.Data
         except (TypeError, ValueError):
             raise ValueError(f"{source}: dose {v!r} is not a number") from None
     out["dose"] = np.asarray(doses, dtype=np.float64)
-    key = out.astype(str).agg("|".join, axis=1)
+    key = out.astype(str).agg("|".join, axis=1)  # the condition itself, before num_cells
+    counts = []
+    for v in table[NUM_CELLS].tolist() if NUM_CELLS in table.columns else [None] * len(table):
+        if _is_missing(v) or str(v).strip() == "0":  # empty or 0: the default count
+            counts.append(0)
+            continue
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not (number >= 1 and number == int(number)):
+            raise ValueError(f"{source}: {NUM_CELLS} {v!r} is not a whole number >= 1")
+        counts.append(int(number))
+    out[NUM_CELLS] = np.asarray(counts, dtype=np.int64)  # 0: not set
     if key.duplicated().any():
         raise ValueError(f"{source}: duplicated conditions {key[key.duplicated()].tolist()[:5]}")
     return out

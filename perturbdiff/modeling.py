@@ -241,6 +241,23 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         self.final_layer = FinalLayer(d, G, config.output_activation, config.control_residual)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, refusing weights that do not match the config.
+
+        transformers initialises missing weights randomly with only a warning (a config edited to
+        add layers would predict from random blocks); here any missing, unexpected or mismatched
+        weight is an error that names them.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(map(str, v))[:5] for k, v in info.items()
+                    if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise ValueError(f"{pretrained_model_name_or_path}: the saved weights do not match its config.json "
+                             f"({'; '.join(f'{k}: {v}' for k, v in problems.items())}); was the config edited?")
+        return (model, info) if want_info else model
+
     def forward(
         self,
         x_t: torch.Tensor,

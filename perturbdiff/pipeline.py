@@ -134,7 +134,7 @@ class PerturbDiffPipeline:
             allow_missing_genes: fill model genes absent from ``control`` with zeros (at least
                 half of the model's genes must be present).
             cells_per_condition: predicted cells per condition and population (default: as many
-                as control cells for the condition).
+                as control cells for the condition); a ``num_cells`` column of the table sets it per row.
             set_size: cells per set m (the last set is padded by resampling, then trimmed); default:
                 the set size the model was trained with (``config.set_size``), else 256.
             num_populations: K independent populations per condition (``obs["population"]``).
@@ -171,10 +171,11 @@ class PerturbDiffPipeline:
         num_clipped = 0
         rows = tqdm(conds.itertuples(index=False), total=len(conds), desc="conditions", disable=not progress)
         for i, cond in enumerate(rows):
-            n_cells = int(cells_per_condition or len(members[i]))
+            n_cells = int(cond.num_cells or cells_per_condition or len(members[i]))
             m = min(int(set_size), n_cells)
+            key = (cond.perturbation, cond.context, cond.batch, cond.dose)
             values = self._sample_condition(
-                pool["X"], members[i], condition_rngs(seed, tuple(cond)), n_cells=n_cells, set_size=m,
+                pool["X"], members[i], condition_rngs(seed, key), n_cells=n_cells, set_size=m,
                 num_populations=K, batch_sets=int(batch_sets), ids={k: v[i] for k, v in ids.items()},
                 features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
             ).reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
@@ -274,7 +275,9 @@ class PerturbDiffPipeline:
         ids = {
             "perturbation": pert_ids,
             "context": cfg.encode("context", conds["context"].tolist()),
-            "batch": cfg.encode("batch", conds["batch"].tolist()),
+            # a model trained on one batch was conditioned on it: an unset batch means that one
+            "batch": cfg.encode("batch", [b if b is not None or len(cfg.batch_names) != 1 else cfg.batch_names[0]
+                                          for b in conds["batch"]]),
         }
         doses = conds["dose"].to_numpy()
         if not cfg.use_dose and np.isfinite(doses).any():

@@ -226,9 +226,21 @@ def test_bad_input_errors(pipe, case):
             predict(pipe, control, **kwargs)
 
 
+def test_cells_per_condition_come_from_the_table(pipe):
+    control = make_control()
+    conds = pd.DataFrame({"perturbation": ["IFNB", "TNF", "TNF"], "context": ["T cell", "monocyte", "T cell"],
+                          "num_cells": [5, "", 3]})
+    out = predict(pipe, control, conditions=conds, cells_per_condition=4)
+    table = out.uns["perturbdiff"]["conditions"]
+    assert table["num_cells"].tolist() == [5, 4, 3]  # a row's own count, else the global one
+    with pytest.raises(ValueError, match="num_cells '2.5' is not a whole number >= 1"):
+        predict(pipe, control, conditions=conds.assign(num_cells=["2.5", 1, 1]))
+    assert out.n_obs == 5 + 4 + 3
+
+
 def test_conditions_helpers(tmp_path):
     table = make_conditions(["IFNB", "TNF"], ["T cell", "monocyte"], dose=[1.0, 10.0])
-    assert len(table) == 8 and list(table.columns) == ["perturbation", "context", "batch", "dose"]
+    assert len(table) == 8 and list(table.columns) == ["perturbation", "context", "batch", "dose", "num_cells"]
     path = tmp_path / "conds.tsv"
     path.write_text("perturbation\tcontext\tbatch\tdose\nNA\tT cell\t\t\nIFNB\tmonocyte\tdonor1\t2.5\n")
     read = read_conditions(path)

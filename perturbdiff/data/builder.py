@@ -128,7 +128,12 @@ def highly_variable_genes(mean: np.ndarray, var: np.ndarray, n_top: int) -> tupl
 
 
 class _CountsCleaner:
-    """Validates one source's blocks and brings them into the atlas's gene order and count space."""
+    """Validates one source's blocks and brings them into the atlas's gene order and count space.
+
+    Every block is checked after any conversion: values finite and non-negative, and (counts input)
+    integral; non-integer cells are counted over the whole source, and a source that mixes integer
+    count cells with log1p-like cells is refused.
+    """
 
     def __init__(self, src, gene_map: np.ndarray | None, input_log1p: bool, obs_names: np.ndarray):
         self.src = src
@@ -136,29 +141,38 @@ class _CountsCleaner:
         self.input_log1p = input_log1p
         self.obs_names = obs_names
         self.non_integer_cells = 0
-        self._checked_integer = False
+        self.integer_cells = 0
 
-    def __call__(self, m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
-        m = sp.csr_matrix(m, dtype=np.float32)
-        m.sum_duplicates()
+    def _check_finite(self, m: sp.csr_matrix, rows: np.ndarray, after: str = "") -> None:
         d = m.data
         bad = ~np.isfinite(d) | (d < 0)
         if bad.any():
             row = int(np.searchsorted(m.indptr, np.flatnonzero(bad)[0], side="right") - 1)
             kind = "non-finite" if not np.isfinite(d[bad]).all() else "negative"
             raise ValueError(
-                f"{self.src.name}: X has {kind} values (first in cell {self.obs_names[rows[row]].decode()!r}); raw, "
+                f"{self.src.name}: X has {kind} values{after} (first in cell {self.obs_names[rows[row]].decode()!r}); raw, "
                 "non-negative counts are expected (declare log1p-normalised input with input_log1p=True / --input-log1p)"
             )
+
+    def __call__(self, m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+        m = sp.csr_matrix(m, dtype=np.float32)
+        m.sum_duplicates()
+        self._check_finite(m, rows)
         if self.input_log1p:
             m = self._invert_log1p(m)
-        elif not self._checked_integer and len(d):
-            self._checked_integer = True
-            if np.any(d != np.round(d)):
-                warnings.warn(
-                    f"{self.src.name}: X has non-integer values; stored as given. If it is log1p-normalised, "
-                    "pass input_log1p=True (--input-log1p).",
-                    stacklevel=3,
+            self._check_finite(m, rows, after=" after inverting log1p (values too large for log1p-normalised data)")
+        else:
+            fractional = np.abs(m.data - np.round(m.data)) > 0
+            per_cell = np.add.reduceat(fractional, m.indptr[:-1]) if m.nnz else np.zeros(m.shape[0])
+            per_cell[np.diff(m.indptr) == 0] = 0
+            n_frac = int((per_cell > 0).sum())
+            self.non_integer_cells += n_frac
+            self.integer_cells += m.shape[0] - n_frac
+            if self.non_integer_cells and self.integer_cells:
+                raise ValueError(
+                    f"{self.src.name}: X mixes integer count cells ({self.integer_cells} so far) with non-integer cells "
+                    f"({self.non_integer_cells}, e.g. {self.obs_names[rows[int(np.argmax(per_cell > 0))]].decode()!r} if "
+                    "in this block): one matrix must hold one kind of values (raw counts, or log1p with --input-log1p)"
                 )
         if self.gene_map is not None:
             m.indices = self.gene_map[m.indices].astype(np.int32)
@@ -171,6 +185,15 @@ class _CountsCleaner:
         counts, non_integer = log1p_to_counts(m)
         self.non_integer_cells += non_integer
         return counts
+
+    def report(self) -> None:
+        """Warn once per source with the true number of cells whose values were stored as not integral."""
+        if self.non_integer_cells and not self.input_log1p:
+            warnings.warn(f"{self.src.name}: X has non-integer values in all {self.non_integer_cells} cells; stored as "
+                          "given. If it is log1p-normalised, pass input_log1p=True (--input-log1p).", stacklevel=3)
+        elif self.non_integer_cells:
+            warnings.warn(f"{self.src.name}: counts of {self.non_integer_cells} cells could not be recovered as integers "
+                          "from the log1p values; stored rescaled so their smallest value is 1", stacklevel=3)
 
 
 def build_atlas(
@@ -408,6 +431,8 @@ def build_atlas(
             bar.close()
             if spool is not None:
                 spool.close()
+            for c in cleaners:
+                c.report()
 
             mean = g_sum / n_total
             var = np.maximum(g_sq / n_total - mean**2, 0.0) * (n_total / max(n_total - 1, 1))

@@ -464,8 +464,27 @@ class Atlas:
             raise AtlasCorruptError(f"atlas {self.path}: cannot read the group index or var: {err}") from err
         self.gene_names = np.asarray(self.var.index, dtype=object)
         self.control_label = meta.get("control_label")
+        self._check_index()
 
     # -- integrity ---------------------------------------------------------------------------------
+
+    def _check_index(self) -> None:
+        """The arrays read at open agree with the metadata: a lost chunk reads as fill values, not an error."""
+        where = f"atlas {self.path}"
+        if self._arrays["indptr"].shape[0] != self.num_cells + 1:
+            raise AtlasCorruptError(f"{where}: X/indptr has {self._arrays['indptr'].shape[0]} entries for {self.num_cells} cells")
+        names = pd.Index(self.gene_names.astype(str))
+        if len(names) != self.num_genes or not names.is_unique or (names == "").any():
+            raise AtlasCorruptError(f"{where}: var holds {len(names)} gene names ({names.nunique()} distinct) for "
+                                    f"{self.num_genes} genes: the var index is damaged; rebuild the atlas")
+        g = self.groups
+        start, stop = g["start"].to_numpy(np.int64), g["stop"].to_numpy(np.int64)
+        order = np.argsort(start, kind="stable")
+        bad = (start < 0) | (stop < start) | (stop > self.num_cells)
+        overlap = stop[order][:-1] > start[order][1:]
+        if bad.any() or overlap.any() or int((stop - start).sum()) != self.num_cells:
+            raise AtlasCorruptError(f"{where}: the group index is damaged (row ranges out of bounds, overlapping or not "
+                                    f"covering the {self.num_cells} cells); rebuild the atlas")
 
     def _check_chunk_files(self) -> None:
         # Zarr reads a missing chunk as zeros; on a local store, check every expected shard file exists.
