@@ -123,12 +123,15 @@ def adapt_model(
 
 def adapt_pretrained(base_dir, *, gene_names: Sequence[str], perturbation_names: Sequence[str],
                      context_names: Sequence[str], batch_names: Sequence[str], new_genes: str = "add",
-                     overrides: dict | None = None, seed: int = 0, log=print) -> PerturbDiffModel:
+                     overrides: dict | None = None, min_shared_genes: float = 0.5, seed: int = 0,
+                     log=print) -> PerturbDiffModel:
     """A saved model (``from_pretrained`` folder) adapted to a screen's genes and covariates.
 
     Base names keep their ids and learned rows; the screen's new perturbations, contexts and
     batches are appended; genes the base lacks are appended (``new_genes="add"``) or left out
-    (``"drop"``). Only `FINETUNE_OVERRIDES` may change on a base model.
+    (``"drop"``). Only `FINETUNE_OVERRIDES` may change on a base model. Fewer than
+    ``min_shared_genes`` of the base's genes in the screen is an error: what the base learned would
+    mostly not apply.
     """
     from pathlib import Path
 
@@ -143,6 +146,11 @@ def adapt_pretrained(base_dir, *, gene_names: Sequence[str], perturbation_names:
                          f"finetuning can override {sorted(FINETUNE_OVERRIDES)}")
     base = PerturbDiffModel.from_pretrained(base_dir)
     base_config = base.config
+    in_screen = sum(g in set(gene_names) for g in base_config.gene_names)
+    if in_screen < min_shared_genes * base_config.num_genes:
+        raise ValueError(f"only {in_screen} of the base model's {base_config.num_genes} genes are in the screen "
+                         f"({in_screen / base_config.num_genes:.0%} < model.min_shared_genes={min_shared_genes:g}): are the "
+                         "gene names of the same kind (symbols vs Ensembl ids)? Lower model.min_shared_genes to go on")
     genes = extend_vocabulary(base_config.gene_names, gene_names) if new_genes == "add" else base_config.gene_names
     model, report = adapt_model(
         base, gene_names=genes,
@@ -151,10 +159,9 @@ def adapt_pretrained(base_dir, *, gene_names: Sequence[str], perturbation_names:
         batch_names=extend_vocabulary(base_config.batch_names, batch_names),
         overrides=overrides, seed=seed,
     )
-    in_data = set(gene_names)
     log(f"base model {base_dir}: genes {report['genes']['shared']} kept, {report['genes']['new']} added "
-        f"({sum(g in in_data for g in base_config.gene_names)} of the base's {base_config.num_genes} genes are among "
-        f"the screen's {len(in_data)}); perturbations {report['perturbation']}, contexts {report['context']}, "
+        f"({in_screen} of the base's {base_config.num_genes} genes are among "
+        f"the screen's {len(set(gene_names))}); perturbations {report['perturbation']}, contexts {report['context']}, "
         f"batches {report['batch']}")
     return model
 

@@ -20,7 +20,10 @@ _SUBCOMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="perturbdiff", description="PerturbDiff command-line tools")
+    parser.add_argument("--version", action="version", version=f"perturbdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, target in _SUBCOMMANDS.items():
         module_name, func_name = target.split(":")

@@ -39,7 +39,7 @@ import torch
 
 from .baselines import BASELINES, TRAIN_BASELINES, baseline_cells, train_stats
 from .expression import Normalization, detect_input_space, gene_columns, to_model_space
-from .files import atomic_write
+from .files import atomic_write, read_h5ad
 from .losses import energy_distance
 
 __all__ = ["Evaluation", "evaluate", "BASELINES", "HEADLINE_METRICS", "add_parser"]
@@ -482,14 +482,9 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    import anndata as ad
-
-    for path in (args.pred, args.real, args.train):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{path} does not exist")
     baselines = "auto" if args.baselines is None else ([] if args.baselines in ([], ["none"]) else args.baselines)
     result = evaluate(
-        ad.read_h5ad(args.pred), ad.read_h5ad(args.real), ad.read_h5ad(args.train) if args.train else None,
+        read_h5ad(args.pred, "--pred"), read_h5ad(args.real, "--real"), read_h5ad(args.train, "--train") if args.train else None,
         outdir=args.out, perturbation_key=args.perturbation_key, context_key=args.context_key,
         control_label=args.control_label, baselines=baselines, population=args.population, profile=args.profile,
         model_name=args.name, pca_components=args.pca_components, max_cells_energy=args.max_cells_energy,

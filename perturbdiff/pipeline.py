@@ -31,7 +31,7 @@ from .conditions import clean_conditions, condition_rngs, feature_table, make_co
 from .configuration import NULL_ID
 from .diffusion import GaussianDiffusion
 from .expression import INPUT_SPACES, Normalization, detect_input_space, gene_columns, to_model_space
-from .files import atomic_write
+from .files import atomic_write, read_h5ad
 from .modeling import PerturbDiffModel
 from .objective import sample_sets
 
@@ -468,8 +468,6 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    import anndata as ad
-
     if args.conditions and any(v is not None for v in (args.perturbation, args.context, args.batch, args.dose)):
         raise ValueError("give either --conditions or --perturbation/--context/--batch/--dose, not both")
     if not args.conditions and (args.perturbation is None or args.context is None):
@@ -479,10 +477,8 @@ def _run(args) -> int:
     if args.perturbation_features:
         sep = "\t" if Path(args.perturbation_features).suffix.lower() in (".tsv", ".tab") else ","
         features = pd.read_csv(args.perturbation_features, sep=sep, index_col=0)
-    if not Path(args.control).is_file():
-        raise FileNotFoundError(f"control data {args.control} does not exist")
     pipe = PerturbDiffPipeline.from_pretrained(args.model, device=args.device)
-    control = ad.read_h5ad(args.control)
+    control = read_h5ad(args.control, "--control")
     pred = pipe.predict(
         control, conditions, perturbation=args.perturbation, context=args.context, batch=args.batch,
         dose=args.dose, perturbation_features=features, perturbation_key=args.perturbation_key,

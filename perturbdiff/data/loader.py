@@ -216,6 +216,7 @@ class CellSetDataset(IterableDataset):
             k = np.arange(sets.sum()) - np.repeat(np.cumsum(sets) - sets, sets)  # 0..sets-1 per group
             self._base.append(np.stack([np.repeat(gids, sets), k], axis=1).astype(np.int64))
         natural = np.array([len(b) for b in self._base], dtype=np.int64)
+        self._warn_resampling()
         if natural.sum() == 0:
             raise ValueError(f"no sets to stream: split {split!r} of mode {mode!r} selects no groups")
         self.num_sets = int(sets_per_epoch) if sets_per_epoch is not None else int(natural.sum())
@@ -249,6 +250,19 @@ class CellSetDataset(IterableDataset):
             )
 
     # -- setup helpers -----------------------------------------------------------------------------
+
+    def _warn_resampling(self) -> None:
+        """Warn when many of an epoch's set cells are drawn again because groups are smaller than m."""
+        m = self.set_size
+        sizes = np.concatenate([src.size[base[:, 0]] for src, base in zip(self.sources, self._base)] or [np.zeros(0)])
+        short = sizes < m
+        if not len(sizes):
+            return
+        share = float(np.sum(m - sizes[short])) / (m * len(sizes))
+        if share >= 0.1:
+            warnings.warn(f"{share:.0%} of the cells in the {self.split!r} sets are resampled: {int(short.sum())} of "
+                          f"{len(sizes)} sets come from groups smaller than set_size={m} (smallest "
+                          f"{int(sizes.min())} cells); lower data.set_size", stacklevel=3)
 
     def _control_pools(self, src: _Source, gids: np.ndarray) -> dict:
         g = src.groups

@@ -76,7 +76,10 @@ class H5adSource:
         if not self.path.is_file():
             raise FileNotFoundError(f"input {self.path} does not exist")
         # A large chunk cache makes scattered row reads from compressed files hit decoded chunks.
-        self.file = h5py.File(self.path, "r", rdcc_nbytes=16 << 20, rdcc_nslots=10007)
+        try:
+            self.file = h5py.File(self.path, "r", rdcc_nbytes=16 << 20, rdcc_nslots=10007)
+        except OSError as err:
+            raise ValueError(f"input {self.path} is not a readable .h5ad file (empty, truncated or not HDF5): {err}") from None
         f = self.file
         if layer in (None, "X"):
             xkey, vkey = "X", "var"

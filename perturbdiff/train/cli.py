@@ -97,7 +97,8 @@ def _train(args) -> Path:
 
         def factory(vocab: dict):
             return adapt_pretrained(cfg.model.base, **vocab, new_genes=cfg.model.new_genes,
-                                    overrides=cfg.model.overrides, seed=cfg.train.seed, log=partial(print, flush=True))
+                                    overrides=cfg.model.overrides, min_shared_genes=cfg.model.min_shared_genes,
+                                    seed=cfg.train.seed, log=partial(print, flush=True))
 
         card = {"base model": cfg.model.base, "screen": ", ".join(map(str, cfg.data.atlas))}
     try:

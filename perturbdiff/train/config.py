@@ -23,6 +23,7 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)  # any PerturbDiffConfig field, e.g. num_layers
     base: str | None = None  # a pretrained export to start from (finetuning)
     new_genes: str = "add"  # screen genes the base lacks: "add" (new rows) or "drop"
+    min_shared_genes: float = 0.5  # finetuning: the share of the base's genes the screen must have
 
 
 @dataclass
@@ -121,6 +122,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value}")
         if not o.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {o.lr}")
+        if not 0 <= self.model.min_shared_genes <= 1:
+            raise ValueError(f"model.min_shared_genes must be in [0, 1], got {self.model.min_shared_genes}")
         if not 0 <= d.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
         if not 0 <= t.ema_decay < 1:

@@ -119,6 +119,9 @@ class Trainer:
         if cfg.deepspeed:
             ds_conf = resolve_deepspeed_config(cfg.deepspeed, micro_batch=data.batch_size, grad_accum=optim.grad_accum,
                                                world_size=world_size, grad_clip=optim.grad_clip, bf16=mixed == "bf16")
+            if not torch.cuda.is_available() and world_size < 2:
+                raise ValueError(f"--deepspeed {cfg.deepspeed} on a CPU needs several processes (DeepSpeed runs over a "
+                                 "gloo process group here): launch with accelerate launch --multi_gpu --num_processes 2")
             ds_plugin = DeepSpeedPlugin(hf_ds_config=ds_conf)
         # Without a GPU, several processes talk over gloo (Accelerate would pick nccl/ccl otherwise).
         distributed_cpu = not torch.cuda.is_available() and world_size > 1
