@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None, *, description: str = "PerturbDiff train
          default_config: str | os.PathLike, finetune: bool = False) -> Path:
     """Entry point of ``pretrain/run.py`` and ``finetune/run.py``: parse, build the trainer, fit, export."""
     parser = build_arg_parser(description, default_config, finetune=finetune)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may stand between the flags
     try:
         return _train(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:

@@ -495,6 +495,8 @@ class Trainer:
         ckpt = checkpoint.newest_intact_checkpoint(self.output_dir, log=self._print)
         if ckpt is None:
             self._print(f"--resume: no intact checkpoint in {self.output_dir / 'checkpoints'}, starting from step 0")
+            if self.accelerator.is_main_process:
+                checkpoint.truncate_metrics(self.output_dir / "metrics.jsonl", 0)
             return False
         state = checkpoint.load_trainer_state(ckpt, self.rank, self.world_size)
         self.accelerator.load_state(str(ckpt))
