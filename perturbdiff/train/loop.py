@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -161,6 +162,7 @@ class Trainer:
 
         atlases = self._open_atlases()
         data_vocab = self._data_vocabulary(atlases)
+        self.datasets = sorted({str(ds) for a in atlases for ds in a.groups["dataset"].unique()})
         if model_factory is not None:
             model = model_factory(data_vocab)
         else:
@@ -332,8 +334,10 @@ class Trainer:
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=train.max_steps, initial=self.step, disable=not accelerator.is_main_process, desc="training",
-                   dynamic_ncols=True)
+        # a bar on a terminal; in a log file (a job's stderr) one line per logged step instead
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=train.max_steps, initial=self.step, disable=not (accelerator.is_main_process and interactive),
+                   desc="training", dynamic_ncols=True)
         batches = self._batches()
         start, window_start, window_cells = time.time(), time.time(), 0
         running = {"loss": 0.0, "mmd": 0.0, "mse": 0.0}
@@ -399,6 +403,9 @@ class Trainer:
                 logs["val_loss"] = self.validate()
             postfix.update({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "lr", "cells_per_s", "val_loss")})
             bar.set_postfix(postfix)
+            if not interactive and "cells_per_s" in logs:
+                self._print(f"step {self.step}/{train.max_steps}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in logs.items() if k in ("loss", "lr", "cells_per_s", "val_loss") and v is not None))
             self._log(logs)
             if train.save_every and self.step % train.save_every == 0 and self.step < train.max_steps:
                 self.save_checkpoint()
@@ -522,7 +529,7 @@ class Trainer:
         if accelerator.is_main_process:
             card = checkpoint.model_card(self.model_config, self.cfg, step=self.step, cells_seen=self.cells_seen,
                                          world_size=self.world_size, ema_on=self.ema is not None,
-                                         logs=self.last_logs, extra=self.model_card)
+                                         logs=self.last_logs, extra=self.model_card, datasets=self.datasets)
             checkpoint.write_export(path, self.model_config, state, card)
         accelerator.wait_for_everyone()
         return path
