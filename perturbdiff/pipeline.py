@@ -16,6 +16,7 @@ log-normalised data (``uns["perturbdiff"]`` states the space).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import warnings
@@ -169,15 +170,18 @@ class PerturbDiffPipeline:
         blocks, obs_blocks, table = [], [], []
         ceiling = norm.max_value
         num_clipped = 0
-        rows = tqdm(conds.itertuples(index=False), total=len(conds), desc="conditions", disable=not progress)
-        for i, cond in enumerate(rows):
-            n_cells = int(cond.num_cells or cells_per_condition or len(members[i]))
+        counts = [int(c.num_cells or cells_per_condition or len(members[i])) for i, c in enumerate(conds.itertuples())]
+        # the bar counts sets, so it moves within a condition too
+        bar = tqdm(total=sum(K * math.ceil(n / min(int(set_size), n)) for n in counts), desc="predicting", unit="set",
+                   disable=not progress)
+        for i, cond in enumerate(conds.itertuples(index=False)):
+            n_cells = counts[i]
             m = min(int(set_size), n_cells)
             key = (cond.perturbation, cond.context, cond.batch, cond.dose)
             values = self._sample_condition(
                 pool["X"], members[i], condition_rngs(seed, key), n_cells=n_cells, set_size=m,
                 num_populations=K, batch_sets=int(batch_sets), ids={k: v[i] for k, v in ids.items()},
-                features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+                features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, bar=bar,
             ).reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
             if ceiling is not None:  # no cell can exceed "all its counts in one gene"
                 num_clipped += int((values > ceiling).sum())
@@ -191,6 +195,7 @@ class PerturbDiffPipeline:
                               dose=cond.dose, num_control_cells=len(members[i]), control_source=sources[i],
                               num_cells=n_cells, set_size=m, num_sets=math.ceil(n_cells / m)))
 
+        bar.close()
         obs = pd.concat(obs_blocks)
         for col in ("perturbation", "context", "batch"):
             obs[col] = pd.Categorical(obs[col])
@@ -220,7 +225,7 @@ class PerturbDiffPipeline:
         return ad.AnnData(X=X, obs=obs, var=var, uns=uns)
 
     def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
-                          features, num_steps, eta, guidance_scale) -> np.ndarray:
+                          features, num_steps, eta, guidance_scale, bar=None) -> np.ndarray:
         """K populations of ``n_cells`` predicted cells [K, n_cells, G] (model space) for one condition."""
         rng, gen = rngs
         m, K, G = set_size, num_populations, pool_X.shape[1]
@@ -238,6 +243,8 @@ class PerturbDiffPipeline:
                 num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, generator=gen,
             )  # [b, m, G]
             preds.append(pred.float().cpu())
+            if bar is not None:
+                bar.update(b)
         return torch.cat(preds).view(K, n_sets * m, G)[:, :n_cells].numpy()  # padding trimmed
 
     # ------------------------------------------------------------------ conditions -> ids
@@ -426,9 +433,20 @@ def _draw_cells(rng: np.random.Generator, cells: np.ndarray, n_cells: int, padde
 
 
 # --------------------------------------------------------------------------- command line
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help that states each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "predict",
+        formatter_class=_ShowDefaults,
         help="predict perturbed cells from control cells with a trained model",
         description="Predict perturbed cell populations for conditions (perturbation, context, batch, dose) "
         "from control cells; writes an AnnData of log1p-normalised predictions in the model's gene order.",
@@ -437,7 +455,7 @@ def add_parser(sub) -> None:
     p.add_argument("--control", required=True, help="control cells (.h5ad; counts or log1p-normalised)")
     p.add_argument("--out", required=True, help="output .h5ad")
     g = p.add_argument_group("conditions (a table, or flags whose combinations are all predicted)")
-    g.add_argument("--conditions", help="CSV/TSV with columns perturbation, context[, batch][, dose]")
+    g.add_argument("--conditions", help="CSV/TSV with columns perturbation, context[, batch][, dose][, num_cells]")
     g.add_argument("--perturbation", nargs="+")
     g.add_argument("--context", nargs="+")
     g.add_argument("--batch", nargs="+")
@@ -451,16 +469,16 @@ def add_parser(sub) -> None:
     c.add_argument("--batch-key", help="obs column with the batch (default 'batch' if present)")
     c.add_argument("--gene-key", help="var column with gene names (default var_names)")
     c.add_argument("--layer", help="use this layer instead of X")
-    c.add_argument("--input-space", choices=INPUT_SPACES, default="auto")
+    c.add_argument("--input-space", choices=INPUT_SPACES, default="auto", help="what X holds (auto: detected and checked)")
     c.add_argument("--allow-missing-genes", action="store_true", help="fill model genes absent from the data with zeros")
     s = p.add_argument_group("sampling")
     s.add_argument("--cells-per-condition", type=int, help="default: the number of control cells for the condition")
     s.add_argument("--set-size", type=int, help="cells per set (default: the set size the model was trained with, else 256)")
-    s.add_argument("--num-populations", type=int, default=1)
+    s.add_argument("--num-populations", type=int, default=1, help="independent populations per condition")
     s.add_argument("--steps", type=int, default=100, help="DDIM steps")
-    s.add_argument("--guidance-scale", type=float, default=0.0)
+    s.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance w")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic given the seed)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-sets", type=int, default=8, help="sets per forward pass")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-progress", action="store_true")

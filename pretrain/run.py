@@ -1,7 +1,7 @@
-"""Pretrain PerturbDiff (the marginal stage): ``accelerate launch pretrain/run.py [--config ...]``.
+"""Pretrain PerturbDiff (the marginal stage): accelerate launch pretrain/run.py [--config ...]
 
 With no arguments it trains a small model on the built-in synthetic atlas (built on first use) and
-writes an exported model to ``runs/pretrain/model``. See ``--help`` and ``pretrain/configs/``.
+writes an exported model to runs/pretrain/model. See pretrain/configs/ for the configs.
 """
 
 from pathlib import Path

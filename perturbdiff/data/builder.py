@@ -56,7 +56,12 @@ def _show(values, limit: int = 30) -> str:
 def _categorical(values, *, missing: str | None, what: str, source: str) -> pd.Categorical:
     """A column as a categorical of strings; missing values become ``missing`` or raise."""
     cat = values if isinstance(values, pd.Categorical) else pd.Categorical(values)
-    cat = cat.rename_categories([str(c) for c in cat.categories]) if len(cat.categories) else cat
+    names = [str(c) for c in cat.categories]
+    if len(set(names)) != len(names):  # e.g. the number 1 and the text "1": one name, two values
+        clash = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{source}: the {what} column holds values that differ only in type ({clash[:5]}, as "
+                         "numbers and as text); make the column one type")
+    cat = cat.rename_categories(names) if len(cat.categories) else cat
     if (cat.codes < 0).any():
         if missing is None:
             raise ValueError(f"{source}: {(cat.codes < 0).sum()} cells have no value in the {what} column")
