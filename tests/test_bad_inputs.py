@@ -47,6 +47,8 @@ TINY = ROOT / "pretrain" / "configs" / "tiny.yaml"
     (["data.set_size"], ValueError, r"override 'data.set_size' must look like key.sub=value"),
     (["model.min_shared_genes=2"], ValueError, r"model.min_shared_genes must be in \[0, 1\]"),
     (["data=3"], ValueError, r"config section data must be a mapping"),
+    (["data.genes=0"], ValueError, r"data.genes must be 'hvg', 'all', a number >= 1 or a gene list file, got 0"),
+    (["data.genes=[a, b]"], ValueError, r"config key data.genes must be one of \['int', 'str'\]"),
 ])
 def test_config_values(overrides, error, match):
     with pytest.raises(error, match=match):

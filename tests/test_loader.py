@@ -239,6 +239,9 @@ def test_gene_vocabulary_union_and_absent_genes(two_atlases):
     assert all(len(h) == 25 for h in hv)
     vocab = gene_vocabulary([pa, pb])
     assert set(vocab) == hv[0] | hv[1] and len(vocab) == len(set(vocab))
+    every = gene_vocabulary([pa, pb], all_genes=True)  # finetuning's default: no gene left out
+    assert every == [f"GENE{i:04d}" for i in range(60)] and set(vocab) < set(every)
+    assert set(gene_vocabulary([pa, pb], n_top_genes=5)) < set(vocab)
     genes = [f"GENE{i:04d}" for i in range(60)]
     ds = CellSetDataset([pa, pb], set_size=M, batch_size=B, gene_names=genes, mode="marginal")
     absent_a = set(ds.absent_genes[str(pa)])

@@ -36,7 +36,7 @@ def read_gene_list(path) -> list[str]:
     return [g for g in genes if g]
 
 
-def gene_vocabulary(atlases, genes=None, *, n_top_genes: int | None = None) -> list[str]:
+def gene_vocabulary(atlases, genes=None, *, n_top_genes: int | None = None, all_genes: bool = False) -> list[str]:
     """The shared gene vocabulary of one or more atlases.
 
     Args:
@@ -45,6 +45,7 @@ def gene_vocabulary(atlases, genes=None, *, n_top_genes: int | None = None) -> l
             after checking it is unique and that each atlas measures at least one of its genes.
         n_top_genes: with ``genes=None``, re-select each atlas's top genes by normalised dispersion
             instead of using its stored ``highly_variable`` flags.
+        all_genes: with ``genes=None``, every gene of every atlas (what finetuning on a screen uses).
 
     Returns:
         Gene names: the user's list, or the union of per-atlas highly variable genes in order of first
@@ -61,7 +62,9 @@ def gene_vocabulary(atlases, genes=None, *, n_top_genes: int | None = None) -> l
         return genes
     out, seen = [], set()
     for a in objs:
-        if n_top_genes is None:
+        if all_genes:
+            flags = np.ones(len(a.gene_names), dtype=bool)
+        elif n_top_genes is None:
             flags = a.var["highly_variable"].to_numpy(dtype=bool)
         else:
             score = a.var["dispersion_norm"].to_numpy()

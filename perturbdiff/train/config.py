@@ -41,6 +41,10 @@ class DataSection:
     # .h5ad inputs in `atlas` are built into OUTPUT/atlases/<name>.zarr first, with these
     # `build_atlas` arguments (perturbation_key, control_label, context_key, batch_key, dose_key, ...)
     columns: dict = field(default_factory=dict)
+    # the model's genes: "hvg" (the highly variable genes flagged at build, union over atlases; the
+    # paper's pretraining vocabulary), "all" (every gene of the atlases: finetuning's default, since a
+    # response can lie outside the HVGs), a number N (each atlas's N most variable genes) or a gene list file
+    genes: str | int = "hvg"
     # batches travel as normalised CSR and are made dense on the training device ("auto": on a GPU,
     # where it cuts the loader's work and the host-to-device bytes; on CPU dense batches are as fast)
     sparse_batches: bool | str = "auto"
@@ -134,6 +138,8 @@ class TrainConfig:
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
         if self.model.new_genes not in ("add", "drop"):
             raise ValueError(f"model.new_genes must be 'add' or 'drop', got {self.model.new_genes!r}")
+        if isinstance(d.genes, bool) or (isinstance(d.genes, int) and d.genes < 1):
+            raise ValueError(f"data.genes must be 'hvg', 'all', a number >= 1 or a gene list file, got {d.genes!r}")
         if d.sparse_batches not in (True, False, "auto"):
             raise ValueError(f"data.sparse_batches must be true, false or 'auto', got {d.sparse_batches!r}")
         if d.weights is not None and len(d.weights) != len(d.atlas):
@@ -164,8 +170,16 @@ def config_differences(saved: dict, cfg: "TrainConfig") -> list[str]:
     return out
 
 
+# keys that take one of several types
+_EITHER = {"data.sparse_batches": (bool, str), "data.genes": (int, str)}
+
+
 def _check_type(key: str, value, default):
     """``value`` must have the type of the field's ``default`` (ints are accepted for floats)."""
+    if key in _EITHER:
+        if not isinstance(value, _EITHER[key]):
+            raise ValueError(f"config key {key} must be one of {[t.__name__ for t in _EITHER[key]]}, got {value!r}")
+        return value
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -181,7 +195,7 @@ def _check_type(key: str, value, default):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, str):
-        ok = isinstance(value, str) or (key.endswith("sparse_batches") and isinstance(value, bool))
+        ok = isinstance(value, str)
     elif isinstance(default, (list, tuple)):
         ok = isinstance(value, (list, tuple))
         value = list(value) if ok else value

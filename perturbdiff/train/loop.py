@@ -210,12 +210,22 @@ class Trainer:
         return [Atlas(p) for p in paths]
 
     def _data_vocabulary(self, atlases) -> dict:
-        """Genes (union of highly variable genes) and covariate names of the atlases."""
+        """The model's genes (``data.genes``) and the covariate names of the atlases."""
         from ..data import atlas_vocabularies, gene_vocabulary
 
         vocab = atlas_vocabularies(atlases)
+        choice = self.cfg.data.genes
+        if choice == "hvg":
+            genes, how = gene_vocabulary(atlases), "the highly variable genes flagged at build (data.genes: hvg)"
+        elif choice == "all":
+            genes, how = gene_vocabulary(atlases, all_genes=True), "every gene of the data (data.genes: all)"
+        elif isinstance(choice, int):
+            genes, how = gene_vocabulary(atlases, n_top_genes=choice), f"each atlas's {choice} most variable genes"
+        else:
+            genes, how = gene_vocabulary(atlases, genes=choice), f"the gene list {choice}"
+        self._print(f"genes: {len(genes):,} of the data's {len({g for a in atlases for g in a.gene_names}):,}, {how}")
         return {
-            "gene_names": gene_vocabulary(atlases),
+            "gene_names": genes,
             # the marginal stage has no perturbation label: finetuning adds the vocabulary
             "perturbation_names": [] if self.cfg.train.objective == "marginal" else vocab["perturbation"],
             "context_names": vocab["context"],
