@@ -19,6 +19,16 @@ _SUBCOMMANDS: dict[str, str] = {
 }
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """Help that states each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

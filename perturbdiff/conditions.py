@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 __all__ = ["CONDITION_COLUMNS", "NUM_CELLS", "make_conditions", "read_conditions", "clean_conditions", "feature_table",
-           "condition_rngs"]
+           "condition_rngs", "draw_cells"]
 
 CONDITION_COLUMNS = ("perturbation", "context", "batch", "dose")
 # optional column of a table: predicted cells per population for that row (empty or 0: the default)
@@ -137,3 +137,15 @@ def condition_rngs(seed: int, condition: tuple) -> tuple[np.random.Generator, to
     ss = np.random.SeedSequence([int(seed), key])
     torch_seed = int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
     return np.random.default_rng(ss), torch.Generator().manual_seed(torch_seed)
+
+
+def draw_cells(rng: np.random.Generator, cells: np.ndarray, n_cells: int, padded: int) -> np.ndarray:
+    """``padded`` control-cell indices: the first ``n_cells`` without replacement while the pool
+    lasts (then with), the padding resampled with replacement."""
+    order = rng.permutation(cells)
+    if n_cells > len(cells):
+        order = np.concatenate([order, rng.choice(cells, n_cells - len(cells))])
+    order = order[:n_cells]
+    if padded > n_cells:
+        order = np.concatenate([order, rng.choice(cells, padded - n_cells)])
+    return order

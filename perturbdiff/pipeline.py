@@ -16,7 +16,6 @@ log-normalised data (``uns["perturbdiff"]`` states the space).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import warnings
@@ -28,7 +27,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .conditions import clean_conditions, condition_rngs, feature_table, make_conditions, read_conditions
+from .cli import ShowDefaults
+from .conditions import clean_conditions, condition_rngs, draw_cells, feature_table, make_conditions, read_conditions
 from .configuration import NULL_ID
 from .diffusion import GaussianDiffusion
 from .expression import INPUT_SPACES, Normalization, detect_input_space, gene_columns, to_model_space
@@ -230,7 +230,7 @@ class PerturbDiffPipeline:
         rng, gen = rngs
         m, K, G = set_size, num_populations, pool_X.shape[1]
         n_sets = math.ceil(n_cells / m)
-        idx = np.stack([_draw_cells(rng, cells, n_cells, n_sets * m) for _ in range(K)]).reshape(K * n_sets, m)
+        idx = np.stack([draw_cells(rng, cells, n_cells, n_sets * m) for _ in range(K)]).reshape(K * n_sets, m)
         preds = []
         for start in range(0, K * n_sets, batch_sets):
             chunk = torch.from_numpy(pool_X[idx[start : start + batch_sets]])  # [b, m, G] control sets
@@ -420,33 +420,11 @@ def _better_gene_column(var: pd.DataFrame, model_genes: Sequence[str], n_shared:
     return best
 
 
-def _draw_cells(rng: np.random.Generator, cells: np.ndarray, n_cells: int, padded: int) -> np.ndarray:
-    """``padded`` control-cell indices: the first ``n_cells`` without replacement while the pool
-    lasts (then with), the padding resampled with replacement."""
-    order = rng.permutation(cells)
-    if n_cells > len(cells):
-        order = np.concatenate([order, rng.choice(cells, n_cells - len(cells))])
-    order = order[:n_cells]
-    if padded > n_cells:
-        order = np.concatenate([order, rng.choice(cells, padded - n_cells)])
-    return order
-
-
 # --------------------------------------------------------------------------- command line
-class _ShowDefaults(argparse.HelpFormatter):
-    """Help that states each option's default, where it has one."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "predict",
-        formatter_class=_ShowDefaults,
+        formatter_class=ShowDefaults,
         help="predict perturbed cells from control cells with a trained model",
         description="Predict perturbed cell populations for conditions (perturbation, context, batch, dose) "
         "from control cells; writes an AnnData of log1p-normalised predictions in the model's gene order.",

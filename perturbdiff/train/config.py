@@ -7,6 +7,8 @@ wrong type or out of range is an error that names the key, raised before any wor
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 from ..objective import Objective, ObjectiveSettings
 
 __all__ = ["TrainConfig", "ModelSection", "DataSection", "OptimSection", "TrainSection", "load_train_config",
-           "flatten", "config_differences"]
+           "flatten", "config_differences", "lr_at", "resolve_deepspeed_config"]
 
 
 @dataclass
@@ -269,3 +271,50 @@ def flatten(d: dict, prefix: str = "", keep: tuple = ("overrides", "columns")) -
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# =========================================================================== derived settings
+def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_deepspeed_config(path: str | os.PathLike, *, micro_batch: int, grad_accum: int, world_size: int,
+                             grad_clip: float, bf16: bool) -> dict:
+    """Load a DeepSpeed JSON, fill its ``"auto"`` values from the run, and refuse contradictions.
+
+    Batch sizes in DeepSpeed count *sets* (our samples): train_batch_size =
+    train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+    ds = json.loads(path.read_text())
+    expected = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+    }
+    for key, value in expected.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and int(given) != value:
+            raise ValueError(
+                f"DeepSpeed config {path}: {key}={given} contradicts the run's {key}={value} "
+                f"(micro-batch {micro_batch} sets x accumulation {grad_accum} x {world_size} processes); "
+                f"set it to \"auto\" or change data.batch_size / optim.grad_accum"
+            )
+        ds[key] = value
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = grad_clip
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = bf16
+    if "fp16" in ds and ds["fp16"].get("enabled", "auto") == "auto":
+        ds["fp16"]["enabled"] = False
+    # A torch optimizer (AdamW) is passed in: DeepSpeed's fused/CPU Adam would JIT-compile ops.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
