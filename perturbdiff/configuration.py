@@ -67,7 +67,7 @@ class PerturbDiffConfig(PretrainedConfig):
             own control. Training pairs a perturbed set's cells with its control set's cells by
             optimal transport. A population keeps its own identity cell by cell, which is what a
             cell type never seen perturbed needs.
-        normalization: dict of :class:`~perturbdiff.normalization.Normalization` fields.
+        normalization: dict of :class:`~perturbdiff.expression.Normalization` fields.
         control_label: the perturbation name that marks control cells in the training data.
         set_size: cells per set the model was trained with (the trainer records it); prediction
             uses it as its default set size, since a set model's output depends on the set size.

@@ -41,7 +41,7 @@ INPUT_SPACES = ("auto", "counts", "log1p")
 # log1p of counts normalised to 1e4 stays below ~10 (1e6: ~14); 20 leaves room and still
 # separates log values from counts or from normalised values without the log.
 LOG1P_MAX = 20.0
-_INTEGER_TOL = 1e-3
+INTEGER_TOL = 1e-3
 # Largest smallest-count tried when recovering counts from log1p input.
 _MAX_MIN_COUNT = 64
 
@@ -194,7 +194,7 @@ def detect_input_space(X, declared: str = "auto", what: str = "control expressio
             "pass raw counts or log1p-normalised values"
         )
     frac = np.abs(nonzero - np.round(nonzero))
-    integer = bool((frac < _INTEGER_TOL).all())
+    integer = bool((frac < INTEGER_TOL).all())
     example = float(nonzero[np.argmax(frac)])
     if integer:
         detected = "counts"

@@ -103,8 +103,8 @@ def training_step(
 ) -> dict:
     """Noise the sets, predict x_0 and return the loss terms (``loss`` has a graph; call backward).
 
-    Draws one timestep per set, per-set covariate dropout, and a self-conditioning pass with probability ``objective.self_cond_prob``. All randomness comes from
-    ``generator`` when given, so a step is reproducible from its state. The self-conditioning coin
+    Draws one timestep per set, per-set covariate dropout, and a self-conditioning pass with
+    probability ``objective.self_cond_prob``. All randomness comes from ``generator`` when given, so a step is reproducible from its state. The self-conditioning coin
     changes how many forward passes a step makes, which all processes of a sharded model (ZeRO-3)
     must agree on: a trainer passes a ``shared_generator`` seeded alike on every rank for it.
     """

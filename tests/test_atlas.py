@@ -181,8 +181,10 @@ def test_log1p_input_is_converted_back(tmp_path):
     adata = _adata(num_genes=200)
     X = adata.X.toarray()
     logged = ad.AnnData(sp.csr_matrix(np.log1p(X / X.sum(1, keepdims=True) * 1e4).astype(np.float32)), obs=adata.obs, var=adata.var)
-    with pytest.warns(UserWarning, match="non-integer"):  # undeclared: stored as given, with a warning
+    # undeclared: refused, since prediction would read the same matrix as log1p (one rule for both)
+    with pytest.raises(ValueError, match=r"X looks log1p-normalised .*pass input_log1p=True \(--input-log1p\)"):
         build_atlas(logged, tmp_path / "raw.zarr", **BUILD_COLUMNS, **SMALL)
+    assert not (tmp_path / "raw.zarr").exists()
     path = build_atlas(logged, tmp_path / "x.zarr", **BUILD_COLUMNS, input_log1p=True, **SMALL)
     stored = ad.read_zarr(path)
     ref = adata[stored.obs_names].X.toarray()

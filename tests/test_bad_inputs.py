@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,8 +147,22 @@ def test_builder_value_errors(screen, tmp_path):
     X = np.asarray(mixed.X.toarray() if sp.issparse(mixed.X) else mixed.X, dtype=np.float32)
     X[300:] = np.log1p(X[300:])  # half counts, half log1p
     mixed.X = X
-    with pytest.raises(ValueError, match="X mixes integer count cells .* with non-integer cells"):
+    with pytest.raises(ValueError, match="X looks log1p-normalised"):
         _build(mixed, tmp_path / "mixed.zarr", block_cells=128)
+    estimated = screen.copy()  # non-integer values above any log1p value: e.g. estimated counts
+    E = np.asarray(estimated.X.toarray() if sp.issparse(estimated.X) else estimated.X, dtype=np.float32) * 30.5
+    E[:300] = np.round(E[:300])
+    E[:, 0] = 40.5  # every cell non-empty, with a fractional value above 20 in the others
+    E[:300, 0] = 40
+    estimated.X = E
+    with pytest.raises(ValueError, match="X mixes integer count cells .* with non-integer cells"):
+        _build(estimated, tmp_path / "estimated.zarr", block_cells=128)
+    last_empty = screen.copy()  # a zero-count cell ending a block is fine
+    Z = np.asarray(last_empty.X.toarray() if sp.issparse(last_empty.X) else last_empty.X, dtype=np.float32)
+    Z[-1] = 0
+    last_empty.X = Z
+    _build(last_empty, tmp_path / "ok.zarr", block_cells=128)
+    shutil.rmtree(tmp_path / "ok.zarr")
     assert not any(p.name.endswith(".zarr") for p in tmp_path.iterdir())  # nothing that looks like an atlas is left
 
 
@@ -352,11 +367,12 @@ def test_damaged_or_planted_checkpoints_are_skipped_and_the_run_resumes_exactly(
     marker = tmp_path / "payload-ran"
     proc = run(env, split, *common, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"skipping checkpoint {ckpts[-1]}: ema.safetensors does not match its checksum" in proc.stdout
+    assert f"skipping checkpoint {ckpts[-1]}: ema.safetensors does not match its checksum" in proc.stdout, proc.stdout
     assert f"resumed from {ckpts[0]} at step 2" in proc.stdout
     assert losses(split) == pytest.approx(losses(full), rel=1e-6)  # the uninterrupted run's losses
     # a planted pickle in every checkpoint: nothing is loaded, nothing runs
-    planted = sorted((split / "checkpoints").iterdir())
+    assert (split / "checkpoints" / ".damaged-step-00000004").is_dir()  # moved aside, kept, no longer counted
+    planted = sorted(p for p in (split / "checkpoints").iterdir() if p.name.startswith("step-"))
     for ckpt in planted:
         (ckpt / "optimizer.bin").write_bytes(pickle.dumps(_Payload(marker)))
     proc = run(env, split, *common, "--resume", "train.max_steps=8")

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..expression import log1p_to_counts
+from ..expression import INTEGER_TOL, LOG1P_MAX, log1p_to_counts, row_sums
 from .sources import open_sources
 from .store import GROUP_KEYS, AtlasWriter
 
@@ -167,24 +167,39 @@ class _CountsCleaner:
             m = self._invert_log1p(m)
             self._check_finite(m, rows, after=" after inverting log1p (values too large for log1p-normalised data)")
         else:
-            fractional = np.abs(m.data - np.round(m.data)) > 0
-            per_cell = np.add.reduceat(fractional, m.indptr[:-1]) if m.nnz else np.zeros(m.shape[0])
-            per_cell[np.diff(m.indptr) == 0] = 0
-            n_frac = int((per_cell > 0).sum())
-            self.non_integer_cells += n_frac
-            self.integer_cells += m.shape[0] - n_frac
-            if self.non_integer_cells and self.integer_cells:
-                raise ValueError(
-                    f"{self.src.name}: X mixes integer count cells ({self.integer_cells} so far) with non-integer cells "
-                    f"({self.non_integer_cells}, e.g. {self.obs_names[rows[int(np.argmax(per_cell > 0))]].decode()!r} if "
-                    "in this block): one matrix must hold one kind of values (raw counts, or log1p with --input-log1p)"
-                )
+            self._check_integral(m, rows)
         if self.gene_map is not None:
             m.indices = self.gene_map[m.indices].astype(np.int32)
             m.has_sorted_indices = False
             m.sort_indices()
         m.eliminate_zeros()
         return m
+
+    def _check_integral(self, m: sp.csr_matrix, rows: np.ndarray) -> None:
+        """Counts input: classify each non-empty cell by `detect_input_space`'s rule (integral within
+        its tolerance; non-integer below LOG1P_MAX looks log1p-normalised), so that the builder and
+        prediction read the same matrix the same way."""
+        lens = np.diff(m.indptr)
+        nonempty = lens > 0
+        fractional = row_sums(m.indptr, (np.abs(m.data - np.round(m.data)) >= INTEGER_TOL).astype(np.float32)) > 0
+        cell_max = np.zeros(len(lens))
+        if nonempty.any():
+            cell_max[nonempty] = np.maximum.reduceat(m.data, m.indptr[:-1][nonempty])
+        log_like = fractional & (cell_max < LOG1P_MAX)
+        if log_like.any():
+            first = int(np.argmax(log_like))
+            raise ValueError(
+                f"{self.src.name}: X looks log1p-normalised (cell {self.obs_names[rows[first]].decode()!r} has non-integer "
+                f"values up to {cell_max[first]:.3g}): pass input_log1p=True (--input-log1p) to recover its counts, or "
+                "give raw counts; stored as it is, it would be normalised twice")
+        self.non_integer_cells += int(fractional.sum())
+        self.integer_cells += int((nonempty & ~fractional).sum())
+        if self.non_integer_cells and self.integer_cells:
+            example = f" (e.g. {self.obs_names[rows[int(np.argmax(fractional))]].decode()!r})" if fractional.any() else ""
+            raise ValueError(
+                f"{self.src.name}: X mixes integer count cells ({self.integer_cells} so far) with non-integer cells "
+                f"({self.non_integer_cells}{example}): one matrix must hold one kind of values (raw counts, or log1p "
+                "with --input-log1p)")
 
     def _invert_log1p(self, m: sp.csr_matrix) -> sp.csr_matrix:
         counts, non_integer = log1p_to_counts(m)
@@ -194,8 +209,8 @@ class _CountsCleaner:
     def report(self) -> None:
         """Warn once per source with the true number of cells whose values were stored as not integral."""
         if self.non_integer_cells and not self.input_log1p:
-            warnings.warn(f"{self.src.name}: X has non-integer values in all {self.non_integer_cells} cells; stored as "
-                          "given. If it is log1p-normalised, pass input_log1p=True (--input-log1p).", stacklevel=3)
+            warnings.warn(f"{self.src.name}: X has non-integer values (above any log1p value) in all "
+                          f"{self.non_integer_cells} cells, e.g. estimated counts; stored as given", stacklevel=3)
         elif self.non_integer_cells:
             warnings.warn(f"{self.src.name}: counts of {self.non_integer_cells} cells could not be recovered as integers "
                           "from the log1p values; stored rescaled so their smallest value is 1", stacklevel=3)

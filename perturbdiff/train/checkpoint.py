@@ -158,14 +158,29 @@ def verify_manifest(ckpt: Path) -> str | None:
     return None
 
 
-def newest_intact_checkpoint(output_dir: Path, log=print) -> Path | None:
-    """The newest complete checkpoint whose manifest verifies; the ones skipped are named with why."""
-    for ckpt in reversed(list_checkpoints(output_dir)):
-        problem = verify_manifest(ckpt)
-        if problem is None:
-            return ckpt
-        log(f"--resume: skipping checkpoint {ckpt}: {problem}")
-    return None
+def newest_intact_checkpoint(accelerator, output_dir: Path, log=print) -> Path | None:
+    """The newest complete checkpoint whose manifest verifies (a collective: every rank calls it).
+
+    The main process verifies and every rank gets its answer, so all load the same checkpoint. The
+    newer ones that fail are renamed aside (``checkpoints/.damaged-step-N``, kept for inspection, no
+    longer counted), so pruning after the resume cannot delete the fresh checkpoints in their favour.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [None]
+    if accelerator.is_main_process:
+        for ckpt in reversed(list_checkpoints(output_dir)):
+            problem = verify_manifest(ckpt)
+            if problem is None:
+                chosen = [str(ckpt)]
+                break
+            aside = ckpt.with_name(f".damaged-{ckpt.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(ckpt, aside)
+            log(f"--resume: skipping checkpoint {ckpt}: {problem} (moved aside to {aside.name})")
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return Path(chosen[0]) if chosen[0] is not None else None
 
 
 def load_trainer_state(ckpt: Path, rank: int, world_size: int) -> dict:
@@ -188,39 +203,54 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
 
 
 def claim_output_dir(accelerator, output_dir: Path, cfg) -> None:
-    """Refuse to mix a new run with an earlier one in ``output_dir``.
+    """Refuse to mix a new run with an earlier one in ``output_dir`` (a collective: every rank calls it).
 
     A directory holding a run is used only with ``resume`` (the same run: its saved config must
     agree, up to `RESUMABLE_CHANGES`) or ``overwrite`` (the earlier run's files are removed first).
+    The main process decides (and deletes); every rank raises the same error or goes on together.
     """
+    from accelerate.utils import broadcast_object_list
+
     from .config import config_differences
 
-    present = [name for name in RUN_FILES if (output_dir / name).exists()] if output_dir.is_dir() else []
-    holds_run = any(name in present for name in ("train_config.json", "metrics.jsonl", "checkpoints", "model"))
-    if holds_run and cfg.overwrite:
-        if accelerator.is_main_process:
+    verdict = [None]
+    if accelerator.is_main_process:
+        present = [name for name in RUN_FILES if (output_dir / name).exists()] if output_dir.is_dir() else []
+        holds_run = any(name in present for name in ("train_config.json", "metrics.jsonl", "checkpoints", "model"))
+        saved = output_dir / "train_config.json"
+        if holds_run and cfg.overwrite:
             for name in present:
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
-        accelerator.wait_for_everyone()
-        return
-    if holds_run and not cfg.resume:
-        raise FileExistsError(f"output directory {output_dir} holds an earlier run ({', '.join(present)}): pass --resume "
-                              "to continue it, --overwrite to replace it, or choose another --output-dir")
-    saved = output_dir / "train_config.json"
-    if cfg.resume and saved.is_file():
-        diff = config_differences(json.loads(saved.read_text()), cfg)
-        if diff:
-            raise ValueError(f"--resume: this run's config differs from the run in {output_dir}: {'; '.join(diff[:8])}"
-                             + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
-                             + "; resume with the same settings, or start a new run with --overwrite / another --output-dir")
+        elif holds_run and not cfg.resume:
+            verdict = [("exists", f"output directory {output_dir} holds an earlier run ({', '.join(present)}): pass "
+                                  "--resume to continue it, --overwrite to replace it, or choose another --output-dir")]
+        elif cfg.resume and saved.is_file():
+            diff = config_differences(json.loads(saved.read_text()), cfg)
+            if diff:
+                verdict = [("differs", f"--resume: this run's config differs from the run in {output_dir}: "
+                                       f"{'; '.join(diff[:8])}" + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
+                                       + "; resume with the same settings, or start a new run with --overwrite / "
+                                       "another --output-dir")]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(verdict)
+    accelerator.wait_for_everyone()
+    if verdict[0] is not None:
+        kind, message = verdict[0]
+        raise FileExistsError(message) if kind == "exists" else ValueError(message)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop the logged rows after ``step`` (a resumed run logs them again: no duplicate steps)."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped
+            return False
+
+    rows = [line for line in path.read_text().splitlines() if line.strip() and kept(line)]
     from ..files import atomic_write
 
     atomic_write(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows)))

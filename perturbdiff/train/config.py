@@ -151,8 +151,9 @@ class TrainConfig:
 
 
 # =========================================================================== reading
-# Keys that may differ when a run is resumed: how long it runs and how it reports, not what it learns.
-RESUMABLE_CHANGES = ("resume", "overwrite", "push_to_hub", "train.max_steps", "train.stop_after_steps",
+# Keys that may differ when a run is resumed: where it is, how long it runs (a longer run stretches the
+# cosine schedule from the step it resumes at) and how it reports.
+RESUMABLE_CHANGES = ("resume", "overwrite", "output_dir", "push_to_hub", "train.max_steps", "train.stop_after_steps",
                      "train.log_every", "train.val_every", "train.save_every", "train.keep_last", "train.export_every",
                      "train.tracker", "train.record_sets", "train.max_skipped_steps", "data.num_workers", "data.val_batches")
 
@@ -164,6 +165,8 @@ def config_differences(saved: dict, cfg: "TrainConfig") -> list[str]:
     for key in sorted(set(old) | set(new)):
         if key in RESUMABLE_CHANGES or any(key.startswith(k + ".") for k in RESUMABLE_CHANGES):
             continue
+        if key not in old and not any(k.startswith(key + ".") for k in old):
+            continue  # a setting newer than the saved run: it ran with what is now the default
         a, b = old.get(key), new.get(key)
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
             a, b = list(a), list(b)
@@ -172,8 +175,10 @@ def config_differences(saved: dict, cfg: "TrainConfig") -> list[str]:
     return out
 
 
-# keys that take one of several types
+# keys that take one of several types, and keys whose default is None (unset) with the type they take
 _EITHER = {"data.sparse_batches": (bool, str), "data.genes": (int, str)}
+_OPTIONAL = {"data.weights": (list, tuple), "data.split_file": str, "model.base": str, "deepspeed": str,
+             "push_to_hub": str, "train.tracker": str}
 
 
 def _check_type(key: str, value, default):
@@ -182,7 +187,16 @@ def _check_type(key: str, value, default):
         if not isinstance(value, _EITHER[key]):
             raise ValueError(f"config key {key} must be one of {[t.__name__ for t in _EITHER[key]]}, got {value!r}")
         return value
-    if default is None or value is None:
+    if value is None:
+        if key in _OPTIONAL:
+            return value
+        raise ValueError(f"config key {key} needs a value (like {default!r})")
+    if key in _OPTIONAL:
+        if not isinstance(value, _OPTIONAL[key]):
+            kind = "list" if _OPTIONAL[key] == (list, tuple) else "str"
+            raise ValueError(f"config key {key} must be a {kind}, got {value!r}")
+        return list(value) if isinstance(value, tuple) else value
+    if default is None:
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)

@@ -91,6 +91,7 @@ class Trainer:
             except ImportError:
                 print("tensorboard is not installed: logging to metrics.jsonl only")
                 tracker = None
+        self.mixed = mixed
         self.accelerator = Accelerator(
             # Without a GPU, cpu=True selects MULTI_CPU (gloo) for DDP; DeepSpeed ignores its plugin
             # under cpu=True and runs over gloo through the process-group kwargs instead.
@@ -195,7 +196,7 @@ class Trainer:
         paths = [a.path for a in atlases]
         data_genes = set(data_vocab["gene_names"]) | {g for a in atlases for g in a.gene_names}
         shared = sum(g in data_genes for g in config.gene_names or [])
-        if config.gene_names is None or shared < 0.5 * config.num_genes:
+        if config.gene_names is None or shared < self.cfg.model.min_shared_genes * config.num_genes:
             raise ValueError(
                 f"the atlas genes do not match the model: {shared} of the model's {config.num_genes} genes are in "
                 f"{', '.join(map(str, paths))}; finetune with gene mapping (finetune/run.py) or build a matching atlas"
@@ -327,7 +328,7 @@ class Trainer:
                 accelerator.backward(out["loss"])
                 finite = True
                 if accelerator.sync_gradients:
-                    finite = self._finite_step(out["loss"], optim.grad_clip)
+                    finite = self._finite_step(out["loss"], optim.grad_clip, self.mixed == "fp16")
                 if finite:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -391,10 +392,19 @@ class Trainer:
         accelerator.end_training()
         return export_dir
 
-    def _finite_step(self, loss: torch.Tensor, grad_clip: float) -> bool:
-        """Clip the gradients and say whether the loss and the gradient norm are finite on every rank."""
+    def _finite_step(self, loss: torch.Tensor, grad_clip: float, fp16: bool) -> bool:
+        """Clip the gradients and say whether the loss and the gradient norm are finite on every rank.
+
+        Under fp16 the gradient scaler skips overflowing steps itself (and must see every step to
+        lower its scale), so there only a non-finite loss counts.
+        """
         accelerator = self.accelerator
         ok = bool(torch.isfinite(loss.detach()).all())
+        if fp16:
+            if grad_clip > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), grad_clip)
+            flag = accelerator.reduce(torch.tensor([0.0 if ok else 1.0], device=accelerator.device), "sum")
+            return float(flag[0]) == 0.0
         if not self.is_deepspeed:  # DeepSpeed clips inside its step; its loss is checked
             norm = accelerator.clip_grad_norm_(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
             ok = ok and bool(torch.isfinite(torch.as_tensor(norm)).all())
@@ -463,7 +473,7 @@ class Trainer:
         """
         from safetensors.torch import load_file
 
-        ckpt = checkpoint.newest_intact_checkpoint(self.output_dir, log=self._print)
+        ckpt = checkpoint.newest_intact_checkpoint(self.accelerator, self.output_dir, log=self._print)
         if ckpt is None:
             self._print(f"--resume: no intact checkpoint in {self.output_dir / 'checkpoints'}, starting from step 0")
             if self.accelerator.is_main_process:
