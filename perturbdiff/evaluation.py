@@ -41,6 +41,7 @@ from .baselines import BASELINES, TRAIN_BASELINES, baseline_cells, train_stats
 from .expression import Normalization, detect_input_space, gene_columns, to_model_space
 from .files import atomic_write, read_h5ad
 from .losses import energy_distance
+from .metrics import DISCRIMINATION, discrimination, r2, realism
 
 __all__ = ["Evaluation", "evaluate", "BASELINES", "HEADLINE_METRICS", "add_parser"]
 
@@ -59,11 +60,12 @@ HEADLINE_METRICS = (
     ("r2_mean", "max"),
     ("r2_delta", "max"),
     ("energy_distance", "min"),
+    ("zero_fraction_gap", "min"),
+    ("above_real_max", "min"),
 )
 # Clustering agreement needs Leiden over many perturbations per context and is slow and unstable
 # on small test sets; our discrimination scores replace cell-eval's per-context ones.
 _SKIP_CELL_EVAL = ["clustering_agreement"]
-_DISCRIMINATION = ("l1", "l2", "cosine")
 _KEY_COLS = ["method", "perturbation", "context"]
 # One value per context (a correlation across its perturbations), repeated on each condition.
 _PER_CONTEXT_CORRELATIONS = ["pearson_edistance", "de_spearman_sig"]
@@ -98,6 +100,7 @@ class _Data:
     pred_pops: dict  # condition -> list of predicted cells per population
     pred_eval: dict  # condition -> predicted cells scored by cell-eval
     train: dict | None  # sums / counts per (perturbation, context) and control means
+    target_sum: float = 1e4  # the space's per-cell total (log1p(counts / total * target_sum))
 
 
 def _dense(X) -> np.ndarray:
@@ -205,7 +208,7 @@ def _prepare(pred, real, train, *, perturbation_key, context_key, control_label,
         if not pick.any():
             raise ValueError(f"no predicted cells for {cond} in population {population}")
         pred_eval[cond] = _dense(Xp[np.flatnonzero(pick)])
-    return _Data(genes, conditions, real_cells, controls, control_source, pred_pops, pred_eval, tr)
+    return _Data(genes, conditions, real_cells, controls, control_source, pred_pops, pred_eval, tr, target_sum)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -243,7 +246,7 @@ def _cell_eval_metrics(cells: dict, data: _Data, profile: str, num_threads: int,
         frame = results.to_pandas() if len(results) else pd.DataFrame({"perturbation": [c[0] for c in conds]})
         frame["perturbation"] = frame["perturbation"].astype(str)
         frame.insert(1, "context", ctx)
-        frames.append(frame.drop(columns=[f"discrimination_score_{m}" for m in _DISCRIMINATION], errors="ignore"))
+        frames.append(frame.drop(columns=[f"discrimination_score_{m}" for m in DISCRIMINATION], errors="ignore"))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -268,33 +271,6 @@ def _quiet(enabled: bool):
             yield errors
     finally:
         log.removeHandler(handler)
-
-
-def _target_genes(perturbation: str, genes: np.ndarray) -> np.ndarray:
-    """Columns to exclude for a perturbation: its own name or any '+'-part (CRISPR targets)."""
-    parts = {perturbation, *perturbation.split("+")}
-    return np.isin(genes, list(parts))
-
-
-def _discrimination(pred_eff: np.ndarray, real_eff: np.ndarray, names: list[str], genes: np.ndarray) -> dict:
-    """cell-eval's discrimination score, ranked among all evaluated conditions: 1 - rank / n."""
-    from sklearn.metrics import pairwise_distances
-
-    n = len(names)
-    out = {m: np.zeros(n) for m in _DISCRIMINATION}
-    for i, p in enumerate(names):
-        keep = ~_target_genes(p, genes)
-        for m in _DISCRIMINATION:
-            metric = "manhattan" if m == "l1" else ("euclidean" if m == "l2" else "cosine")
-            d = pairwise_distances(real_eff[:, keep], pred_eff[i, keep][None], metric=metric).ravel()
-            rank = int(np.flatnonzero(np.argsort(d, kind="stable") == i)[0])
-            out[m][i] = 1 - rank / n
-    return {f"discrimination_score_{m}": v for m, v in out.items()}
-
-
-def _r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    ss_tot = float(((y_true - y_true.mean()) ** 2).sum())
-    return float("nan") if ss_tot == 0 else 1 - float(((y_true - y_pred) ** 2).sum()) / ss_tot
 
 
 def _fit_pca(data: _Data, n_components: int, seed: int, max_fit_cells: int = 20000):
@@ -334,15 +310,16 @@ def _own_metrics(cells: dict, pops: dict, data: _Data, pca, max_cells: int, seed
         eds = [_energy(x, data.real[(p, c)], pca, max_cells, rng) for x in pops[(p, c)]]
         rows.append(dict(
             perturbation=p, context=c,
-            r2_mean=_r2(real_mean[i], pred_mean[i]), r2_delta=_r2(real_eff[i], pred_eff[i]),
+            r2_mean=r2(real_mean[i], pred_mean[i]), r2_delta=r2(real_eff[i], pred_eff[i]),
             energy_distance=float(np.mean(eds)),
             energy_distance_sd=float(np.std(eds, ddof=1)) if len(eds) > 1 else float("nan"),
             num_populations=len(eds),
             num_real_cells=len(data.real[(p, c)]), num_pred_cells=len(cells[(p, c)]),
             num_control_cells=len(data.controls[c]), control_source=data.control_source[c],
+            **realism(cells[(p, c)], data.real[(p, c)], data.target_sum),
         ))
     frame = pd.DataFrame(rows)
-    for col, values in _discrimination(pred_eff, real_eff, names, data.genes).items():
+    for col, values in discrimination(pred_eff, real_eff, names, data.genes).items():
         frame[col] = values
     return frame
 

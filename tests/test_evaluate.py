@@ -72,6 +72,9 @@ def test_truth_is_perfect_and_control_is_worse(split, tmp_path):
     assert model["r2_delta"] == pytest.approx(1.0) and model["mse"] == pytest.approx(0.0, abs=1e-10)
     assert model["energy_distance"] == pytest.approx(0.0, abs=1e-4)
     assert model["discrimination_score_l1"] == 1.0 and model["overlap_at_N"] == 1.0
+    # the truth looks sequenced: its own zeros, totals of the normalised space, no value beyond the real ones
+    assert model["zero_fraction_gap"] == 0 and model["above_real_max"] == 0
+    assert model["total_ratio"] == pytest.approx(1.0, rel=1e-3)
     # Baselines: the additive shift (effects are shared across contexts) beats the control.
     assert agg.loc["additive_shift", "pearson_delta"] > 0.5
     assert agg.loc["additive_shift", "energy_distance"] < agg.loc["control_mean", "energy_distance"]
@@ -83,6 +86,15 @@ def test_truth_is_perfect_and_control_is_worse(split, tmp_path):
     assert not bad["pearson_delta"] >= model["pearson_delta"] - 0.5  # NaN or far below
     # The control-as-prediction equals the control_mean baseline.
     assert bad["energy_distance"] == pytest.approx(agg.loc["control_mean", "energy_distance"], rel=1e-6)
+
+    # cells no sequencer produces: tiny values where real cells have zeros, one gene far above its maximum
+    fake = truth.copy()
+    X = np.asarray(fake.X, dtype=np.float32)
+    X[X == 0] = 1e-3
+    X[0, 0] = X[:, 0].max() + 3
+    fake.X = X
+    unreal = run(fake, real, train, baselines=[]).aggregate.set_index("method").loc["PerturbDiff"]
+    assert unreal["zero_fraction_gap"] == pytest.approx(float((np.asarray(truth.X) == 0).mean())) and unreal["above_real_max"] > 0 and unreal["total_ratio"] > 1.0
 
     # Files: CSVs, markdown summary, PNG plots.
     names = sorted(p.name for p in tmp_path.iterdir())
