@@ -15,7 +15,7 @@ Memory is bounded by the block size plus a few bytes of metadata per cell (group
 sort order), never by X. The store is written to a temporary sibling and renamed into place only
 once complete (see `AtlasWriter`).
 
-The module is longer than most (~580 lines): the two passes, their validation and the block
+The module is longer than most (~630 lines): the two passes, their validation and the block
 reader share state that would only be passed around if split.
 """
 

@@ -17,7 +17,7 @@ control group (with replacement if it is shorter than m). If that pool is empty,
 the same (dataset, context) in another batch is used, chosen with probability proportional to its
 size; the builder guarantees every (dataset, context) with perturbed cells has controls.
 
-The module is long (~530 lines) because it is one `IterableDataset` whose epoch plan, sharding,
+The module is long (~545 lines) because it is one `IterableDataset` whose epoch plan, sharding,
 resumable position and reads share state; the sparse batch format lives in `sparse`.
 
 Sharding. The epoch's sets are shuffled with (seed, epoch); rank r takes every world_size-th set,

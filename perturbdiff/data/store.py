@@ -22,7 +22,7 @@ after the completeness marker is written, so an interrupted build never leaves a
 complete. `Atlas` opens a store for reading and refuses incomplete, unknown or damaged stores with
 messages that name the store and the array.
 
-The module is longer than most (~550 lines): the writer, the reader and the shard reader share the
+The module is longer than most (~570 lines): the writer, the reader and the shard reader share the
 on-disk layout they must agree on byte for byte, so they stay together.
 """
 
