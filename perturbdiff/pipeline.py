@@ -167,7 +167,14 @@ class PerturbDiffPipeline:
         members, sources = self._match_controls(conds, pool)
 
         G, K = cfg.num_genes, int(num_populations)
-        blocks, obs_blocks, table = [], [], []
+        blocks, obs_blocks, table, own_blocks = [], [], [], []
+        # the input's own space is written beside the model's when the model's space is log1p-normalised
+        own_space = None
+        if norm.target_sum is not None and norm.log1p:
+            own_space = ("counts: expm1(X) / target_sum x the total count of the cell's control cell (expected "
+                         "counts at that library size, not integers)" if info["input_space"] == "counts" else
+                         "log1p: log1p(expm1(X) / target_sum x the expm1 total of the cell's control cell), the "
+                         "normalisation of the input")
         ceiling = norm.max_value
         num_clipped = 0
         counts = [int(c.num_cells or cells_per_condition or len(members[i])) for i, c in enumerate(conds.itertuples())]
@@ -178,15 +185,19 @@ class PerturbDiffPipeline:
             n_cells = counts[i]
             m = min(int(set_size), n_cells)
             key = (cond.perturbation, cond.context, cond.batch, cond.dose)
-            values = self._sample_condition(
+            values, used = self._sample_condition(
                 pool["X"], members[i], condition_rngs(seed, key), n_cells=n_cells, set_size=m,
                 num_populations=K, batch_sets=int(batch_sets), ids={k: v[i] for k, v in ids.items()},
                 features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, bar=bar,
-            ).reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
+            )
+            values = values.reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
             if ceiling is not None:  # no cell can exceed "all its counts in one gene"
                 num_clipped += int((values > ceiling).sum())
                 np.minimum(values, ceiling, out=values)
             blocks.append(values)
+            if own_space is not None:  # the input's own space, at the library size of each cell's control cell
+                own = np.expm1(values) * (pool["totals"][used.ravel()] / norm.target_sum)[:, None]
+                own_blocks.append((np.log1p(own) if info["input_space"] == "log1p" else own).astype(np.float32))
             obs_blocks.append(pd.DataFrame({
                 "perturbation": cond.perturbation, "context": cond.context, "batch": cond.batch,
                 "dose": cond.dose, "population": np.repeat(np.arange(K), n_cells),
@@ -222,11 +233,17 @@ class PerturbDiffPipeline:
             "conditions": conditions_table,
         }}
         X = np.concatenate(blocks).astype(np.float32, copy=False)
-        return ad.AnnData(X=X, obs=obs, var=var, uns=uns)
+        layers = {}
+        if own_space is not None:
+            layers["input_space"] = np.concatenate(own_blocks)
+            uns["perturbdiff"]["input_space_layer"] = own_space
+        return ad.AnnData(X=X, obs=obs, var=var, uns=uns, layers=layers)
 
     def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
-                          features, num_steps, eta, guidance_scale, bar=None) -> np.ndarray:
-        """K populations of ``n_cells`` predicted cells [K, n_cells, G] (model space) for one condition."""
+                          features, num_steps, eta, guidance_scale, bar=None) -> tuple[np.ndarray, np.ndarray]:
+        """K populations of ``n_cells`` predicted cells [K, n_cells, G] (model space) for one condition,
+        and for each predicted cell the pool index of the control cell at its position [K, n_cells]
+        (its paired control cell, for a ``paired_control`` model)."""
         rng, gen = rngs
         m, K, G = set_size, num_populations, pool_X.shape[1]
         n_sets = math.ceil(n_cells / m)
@@ -245,7 +262,8 @@ class PerturbDiffPipeline:
             preds.append(pred.float().cpu())
             if bar is not None:
                 bar.update(b)
-        return torch.cat(preds).view(K, n_sets * m, G)[:, :n_cells].numpy()  # padding trimmed
+        cells_used = idx.reshape(K, n_sets * m)[:, :n_cells]
+        return torch.cat(preds).view(K, n_sets * m, G)[:, :n_cells].numpy(), cells_used  # padding trimmed
 
     # ------------------------------------------------------------------ conditions -> ids
     def _resolve_conditions(self, conditions, perturbation, context, batch, dose) -> pd.DataFrame:
@@ -367,6 +385,7 @@ class PerturbDiffPipeline:
         input_target_sum = median if constant else -1.0
         pool = {
             "X": pool_X,
+            "totals": totals,  # each control cell's total in the input's own space (counts, or expm1 of log1p)
             "context": obs[ckey].astype(str).to_numpy()[rows] if ckey else None,
             "batch": obs[bkey].astype(str).to_numpy()[rows] if bkey else None,
             "context_key": ckey,

@@ -226,6 +226,28 @@ def test_bad_input_errors(pipe, case):
             predict(pipe, control, **kwargs)
 
 
+@pytest.mark.parametrize("space", ["counts", "log1p"])
+def test_the_input_space_layer_puts_each_cell_at_its_control_cells_library_size(model_dir, space):
+    """A paired model whose head adds nothing to its control cell predicts the control cell itself;
+    the input-space layer then gives back that control cell's own values (its counts, or its log1p)."""
+    model = pdiff.PerturbDiffModel.from_pretrained(model_dir)
+    config = pdiff.PerturbDiffConfig(**{**model.config.to_dict(), "paired_control": True})
+    paired = pdiff.PerturbDiffModel(config)
+    with torch.no_grad():
+        paired.final_layer.linear.weight.zero_()
+        paired.final_layer.linear.bias.zero_()
+    pipe = PerturbDiffPipeline(paired, device="cpu")
+    control = make_control(sparse=False)
+    if space == "log1p":
+        control.X = np.log1p(control.X / control.X.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    out = predict(pipe, control, perturbation="TNF", context="monocyte")
+    assert out.uns["perturbdiff"]["input_space_layer"].startswith(space)
+    source = control[(control.obs["context"] == "monocyte").to_numpy()][:, GENES].X
+    layer = out.layers["input_space"]
+    for row in layer:  # every predicted cell is one of the control cells, in the control data's own values
+        assert np.abs(source - row).max(1).min() < 1e-3 * max(1.0, float(row.max()))
+
+
 def test_cells_per_condition_come_from_the_table(pipe):
     control = make_control()
     conds = pd.DataFrame({"perturbation": ["IFNB", "TNF", "TNF"], "context": ["T cell", "monocyte", "T cell"],
