@@ -3,6 +3,7 @@ two processes with DDP over gloo, and DeepSpeed ZeRO-2 / ZeRO-3; resume identity
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -159,6 +160,25 @@ def test_deepspeed_zero_runs_and_resumes(env, tmp_path, stage):
     for step in range(1, 7):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-7), step
     assert model.config.num_genes > 0
+    if stage == 2:  # DeepSpeed unpickles its model states: a planted payload must never be loaded
+        marker = tmp_path / "payload-ran"
+        states = sorted((split / "checkpoints").rglob("mp_rank_00_model_states.pt"))
+        assert states
+        for f in states:
+            f.write_bytes(pickle.dumps(_Payload(marker)))
+        proc = launch(env, split, "--deepspeed", ds, "--resume", "train.max_steps=7", processes=2)
+        assert not marker.exists()
+        assert proc.stdout.count("--resume: skipping checkpoint") == len(states) and "no intact checkpoint" in proc.stdout
+
+
+class _Payload:
+    """A pickle that, when loaded, writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
 
 
 FINETUNE = ROOT / "finetune" / "run.py"
