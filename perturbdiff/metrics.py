@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DISCRIMINATION", "discrimination", "r2", "realism"]
+__all__ = ["DISCRIMINATION", "UNDEFINED_WHY", "discrimination", "r2", "realism"]
+
+# Why a metric can have no value, said wherever it is shown undefined (summary, plots).
+UNDEFINED_WHY = {
+    "pearson_delta": "a predicted shift of zero (e.g. the control cells) has no correlation",
+    "overlap_at_N": "no DE genes in the real cells", "precision_at_N": "no DE genes in the real cells",
+    "de_direction_match": "no DE genes in the real cells", "de_spearman_lfc_sig": "no DE genes in the real cells",
+    "roc_auc": "no DE genes in the real cells", "pr_auc": "no DE genes in the real cells",
+    "discrimination_score_l1": "a single condition cannot be ranked against others",
+    "r2_delta": "the real shift is constant",
+}
 
 DISCRIMINATION = ("l1", "l2", "cosine")
 
@@ -22,6 +32,8 @@ def discrimination(pred_eff: np.ndarray, real_eff: np.ndarray, names: list[str],
     from sklearn.metrics import pairwise_distances
 
     n = len(names)
+    if n < 2:  # ranking one condition among itself is 1 by construction: no result
+        return {f"discrimination_score_{m}": np.full(n, np.nan) for m in DISCRIMINATION}
     out = {m: np.zeros(n) for m in DISCRIMINATION}
     for i, p in enumerate(names):
         keep = ~target_genes(p, genes)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluation import HEADLINE_METRICS
+from .metrics import UNDEFINED_WHY
 from .files import atomic_write
 
 __all__ = ["summary_text", "write_plots"]
@@ -35,6 +36,12 @@ def summary_text(aggregate, per_condition, data, model_name, population, pca, pr
         best = (values.max() if better == "max" else values.min()) if values.nunique() > 1 else None
         cells = [("–" if not np.isfinite(v) else (f"**{v:.4g}**" if v == best else f"{v:.4g}")) for v in values]
         lines.append(f"| {metric} {'↑' if better == 'max' else '↓'} | " + " | ".join(cells) + " |")
+    undefined = [m for m, _ in HEADLINE_METRICS if m in agg.columns and not np.isfinite(agg[m]).any()]
+    notes = [f"- {m}: undefined for every method ({UNDEFINED_WHY.get(m, 'no value could be computed')})" for m in undefined]
+    if len(data.conditions) < 2:
+        notes.append("- one condition only: the discrimination score (a rank among conditions) is not defined")
+    if notes:
+        lines += ["", "– marks a metric with no value. Here:", "", *notes]
     model = per_condition[per_condition["method"] == model_name]
     cols = [c for c in ("pearson_delta", "r2_delta", "energy_distance") if c in model.columns]
     lines += ["", f"## {model_name} per condition", "",
@@ -77,12 +84,13 @@ def write_plots(out: Path, data, methods, per_condition, aggregate, pca, model_n
         ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
         ax.axhline(0, c="0.85", lw=0.5)
         ax.axvline(0, c="0.85", lw=0.5)
-        for g in np.argsort(-np.abs(real_d))[:3]:
-            ax.annotate(str(data.genes[g]), (real_d[g], pred_d[g]), fontsize=7)
+        for g, offset in zip(np.argsort(-np.abs(real_d))[:3], ((4, 4), (4, -10), (-28, 4))):  # apart, not stacked
+            ax.annotate(str(data.genes[g]), (real_d[g], pred_d[g]), xytext=offset, textcoords="offset points",
+                        fontsize=7)
         r = np.corrcoef(real_d, pred_d)[0, 1] if real_d.std() > 0 and pred_d.std() > 0 else float("nan")
         ax.set_title(f"{p} | {c}\nr = {r:.2f}", fontsize=9)
-        ax.set_xlabel("real Δ vs control (log1p)", fontsize=8)
-        ax.set_ylabel("predicted Δ", fontsize=8)
+        ax.set_xlabel("real Δ vs control (log1p units)", fontsize=8)
+        ax.set_ylabel("predicted Δ (log1p units)", fontsize=8)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper left")
@@ -104,9 +112,11 @@ def write_plots(out: Path, data, methods, per_condition, aggregate, pca, model_n
                 z = pca.transform(sub(x))
                 ax.scatter(z[:, 0], z[:, 1], s=4, c=color, alpha=0.6, label=label, linewidths=0)
             ed = per_condition.query("method == @model_name and perturbation == @p and context == @c")["energy_distance"]
-            ax.set_title(f"{p} | {c}\nED = {float(ed.iloc[0]):.3g}", fontsize=9)
-            ax.set_xlabel("PC1", fontsize=8)
-            ax.set_ylabel("PC2", fontsize=8)
+            ax.set_title(f"{p} | {c}\nenergy distance {model_name} vs real: {float(ed.iloc[0]):.3g} "
+                         f"({pca.n_components_} PCs)", fontsize=8)
+            ratio = pca.explained_variance_ratio_
+            ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of the real cells' variance)", fontsize=8)
+            ax.set_ylabel(f"PC2 ({ratio[1]:.0%})", fontsize=8)
         for ax in list(axes.flat)[len(shown):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7, markerscale=3)
@@ -122,11 +132,17 @@ def write_plots(out: Path, data, methods, per_condition, aggregate, pca, model_n
     colors = ["tab:red"] + ["0.6"] * (len(aggregate) - 1)
     for ax, (m, better) in zip(axes.flat, metrics):
         values = aggregate[m].to_numpy(dtype=float)
+        ax.set_title(f"{m} {'↑' if better == 'max' else '↓'}", fontsize=9)
+        if not np.isfinite(values).any():  # an empty axis would read as a result: say why there is none
+            ax.text(0.5, 0.5, "undefined for every method:\n" + UNDEFINED_WHY.get(m, "no value could be computed"),
+                    ha="center", va="center", fontsize=7, color="0.3", wrap=True, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         ax.barh(aggregate["method"], np.nan_to_num(values), color=colors)
         for y, v in enumerate(values):
             if not np.isfinite(v):
                 ax.text(0, y, " n/a", va="center", fontsize=7, color="0.4")
-        ax.set_title(f"{m} {'↑' if better == 'max' else '↓'}", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.invert_yaxis()
     for ax in list(axes.flat)[len(metrics):]:

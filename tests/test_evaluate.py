@@ -194,3 +194,17 @@ def test_split_for_evaluation_matches_the_training_split():
         split_for_evaluation(screen, {"fewshot": {"other.B": {"test": ["C"]}}}, context_key="cell_type", dataset="scr")
     with pytest.raises(ValueError, match="no column 'context'"):
         split_for_evaluation(screen, spec)
+
+
+def test_one_condition_has_no_discrimination_score_and_the_summary_says_why(split, tmp_path):
+    real, train, truth, _ = split
+    p, c = HELD_OUT[0]
+    one = truth[(truth.obs["perturbation"] == p).to_numpy() & (truth.obs["context"] == c).to_numpy()].copy()
+    result = run(one, real, train, outdir=tmp_path, plots=True, baselines=["control_mean"])
+    agg = result.aggregate.set_index("method")
+    assert agg["num_conditions"].tolist() == [1, 1]
+    assert np.isnan(agg.loc["PerturbDiff", "discrimination_score_l1"])  # not a trivial 1
+    assert "one condition only: the discrimination score (a rank among conditions) is not defined" in result.summary
+    assert "discrimination_score_l1: undefined for every method (a single condition cannot be ranked" in result.summary
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+

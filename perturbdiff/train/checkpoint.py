@@ -9,6 +9,16 @@ Two kinds of checkpoint, as in diffusers / torchtitan:
 - an **export** ``OUTPUT/model/`` (and ``OUTPUT/exports/step-N/``): ``save_pretrained`` with
   ``config.json`` + ``model.safetensors`` (EMA weights when the EMA is on) and a ``README.md``
   model card. It loads with ``from_pretrained`` and needs no code from the folder.
+
+Layout of a run's ``output_dir`` (one run per folder: `claim_output_dir`)::
+
+    train_config.json            the run's config (a resume must agree with it)
+    checkpoints/step-00000100/   resume states (+ MANIFEST.json, COMPLETE); .damaged-step-N set aside
+    exports/step-00000100/       interval exports (``save_pretrained`` folders)
+    model/                       the final export (EMA weights), loads with from_pretrained
+    metrics.jsonl                one line per logged step (train loss, lr, cells/s, val loss)
+    logs/                        TensorBoard (or W&B) tracker files
+    atlases/                     .h5ad inputs built into atlases
 """
 
 from __future__ import annotations

@@ -4,14 +4,8 @@ This is the one place that knows about processes: process group (gloo on CPU), p
 rank-0 output, batch arithmetic. The model, the diffusion and the training step come from the
 library and run on one device; what is kept on disk is `checkpoint`'s business.
 
-Layout of ``output_dir``::
-
-    checkpoints/step-00000100/   resume state (Accelerate/DeepSpeed model + optimizer, EMA,
-                                 per-rank trainer state: step, RNG, loader position)
-    exports/step-00000100/       interval exports (``save_pretrained`` folders)
-    model/                       the final export (EMA weights), loads with from_pretrained
-    metrics.jsonl                one line per logged step (train loss, lr, cells/s, val loss)
-    logs/                        TensorBoard (or W&B) tracker files
+The module is a little over 500 lines: one `Trainer` whose set-up, loop, guards (non-finite steps)
+and validation share the accelerator's state.
 """
 
 from __future__ import annotations
@@ -325,6 +319,8 @@ class Trainer:
             with accelerator.accumulate(self.model):
                 out = training_step(self.model, self.diffusion, batch, self.objective,
                                     generator=self.generator, shared_generator=self.shared_generator)
+                if self.is_deepspeed:  # DeepSpeed steps inside backward: check every micro-batch before it
+                    self._check_deepspeed_loss(out["loss"])
                 accelerator.backward(out["loss"])
                 finite = True
                 if accelerator.sync_gradients:
@@ -391,6 +387,15 @@ class Trainer:
             checkpoint.push_to_hub(export_dir, self.cfg.push_to_hub)
         accelerator.end_training()
         return export_dir
+
+    def _check_deepspeed_loss(self, loss: torch.Tensor) -> None:
+        flag = self.accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0],
+                                                    device=self.accelerator.device), "sum")
+        if float(flag[0]) > 0:
+            last = checkpoint.list_checkpoints(self.output_dir)
+            raise FloatingPointError(f"training diverged: non-finite loss at step {self.step + 1} (DeepSpeed applies an "
+                                     "update inside backward, so the run stops before it); no export was written"
+                                     + (f"; the last good checkpoint is {last[-1]}" if last else ""))
 
     def _finite_step(self, loss: torch.Tensor, grad_clip: float, fp16: bool) -> bool:
         """Clip the gradients and say whether the loss and the gradient norm are finite on every rank.
