@@ -381,3 +381,21 @@ def test_damaged_or_planted_checkpoints_are_skipped_and_the_run_resumes_exactly(
     assert len(skipped) == len(planted) == 3 and all("optimizer.bin" in line for line in skipped)
     assert "no intact checkpoint" in proc.stdout
     assert sorted(losses(split)) == list(range(1, 9))  # started again from step 0: no step logged twice
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_reported_and_leaves_no_partial_checkpoint(env, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:  # needs root (as on CI); elsewhere there is no small disk to fill
+        pytest.skip(f"cannot mount a 2 MiB tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        proc = run(env, small / "run")
+        assert proc.returncode == 2
+        assert "error: no space left on the device writing checkpoint" in proc.stderr
+        assert "the partial checkpoint was removed" in proc.stderr
+        assert list((small / "run" / "checkpoints").iterdir()) == []  # no partial folder filling the disk
+        assert not (small / "run" / "model").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -120,12 +120,14 @@ def save_resume_state(accelerator, output_dir: Path, step: int, *, ema: EMA | No
             os.replace(tmp, final)
             for old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on the device writing checkpoint {final} (the partial "
-                                        f"checkpoint was removed; earlier checkpoints are intact)") from err
+        full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(root).free < (64 << 20)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on the device writing checkpoint {final} "
+                                        f"({shutil.disk_usage(root).free >> 20} MiB free; the partial checkpoint was "
+                                        "removed, earlier checkpoints are intact); free space and --resume") from err
         raise
     accelerator.wait_for_everyone()
     return final

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None, *, description: str = "PerturbDiff train
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         # bad input and diverged runs end with one line naming the problem, and a non-zero exit
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        parser.exit(2, f"{parser.prog}: error: {err.strerror}\n")
 
 
 def _train(args) -> Path:

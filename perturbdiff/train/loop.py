@@ -459,7 +459,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write a resume state (every rank calls it); weights that are not finite are refused."""
-        checkpoint.check_finite(self.accelerator.unwrap_model(self.model).state_dict(), f"the model at step {self.step}")
+        unwrapped, gathered = self._gathered()  # ZeRO-3: the full parameters, not empty partitions
+        with gathered:
+            checkpoint.check_finite(unwrapped.state_dict(), f"the model at step {self.step}")
         return checkpoint.save_resume_state(self.accelerator, self.output_dir, self.step, ema=self.ema, keep_last=self.cfg.train.keep_last,
                                             rank_state={
                                                 "step": self.step,
