@@ -259,7 +259,7 @@ class CellSetDataset(IterableDataset):
         if not len(sizes):
             return
         share = float(np.sum(m - sizes[short])) / (m * len(sizes))
-        if share >= 0.1:
+        if share >= 0.25:  # a quarter of the cells drawn again: the sets say little about their groups
             warnings.warn(f"{share:.0%} of the cells in the {self.split!r} sets are resampled: {int(short.sum())} of "
                           f"{len(sizes)} sets come from groups smaller than set_size={m} (smallest "
                           f"{int(sizes.min())} cells); lower data.set_size", stacklevel=3)
