@@ -36,7 +36,8 @@ def summary_text(aggregate, per_condition, data, model_name, population, pca, pr
         best = (values.max() if better == "max" else values.min()) if values.nunique() > 1 else None
         cells = [("–" if not np.isfinite(v) else (f"**{v:.4g}**" if v == best else f"{v:.4g}")) for v in values]
         lines.append(f"| {metric} {'↑' if better == 'max' else '↓'} | " + " | ".join(cells) + " |")
-    undefined = [m for m, _ in HEADLINE_METRICS if m in agg.columns and not np.isfinite(agg[m]).any()]
+    undefined = [m for m, _ in HEADLINE_METRICS if m in agg.columns and not np.isfinite(agg[m]).any()
+                 and not (m.startswith("discrimination") and len(data.conditions) < 2)]  # said once, below
     notes = [f"- {m}: undefined for every method ({UNDEFINED_WHY.get(m, 'no value could be computed')})" for m in undefined]
     if len(data.conditions) < 2:
         notes.append("- one condition only: the discrimination score (a rank among conditions) is not defined")

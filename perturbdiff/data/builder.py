@@ -147,6 +147,7 @@ class _CountsCleaner:
         self.obs_names = obs_names
         self.non_integer_cells = 0
         self.integer_cells = 0
+        self.max_value = 0.0
 
     def _check_finite(self, m: sp.csr_matrix, rows: np.ndarray, after: str = "") -> None:
         d = m.data
@@ -177,21 +178,13 @@ class _CountsCleaner:
 
     def _check_integral(self, m: sp.csr_matrix, rows: np.ndarray) -> None:
         """Counts input: classify each non-empty cell by `detect_input_space`'s rule (integral within
-        its tolerance; non-integer below LOG1P_MAX looks log1p-normalised), so that the builder and
-        prediction read the same matrix the same way."""
-        lens = np.diff(m.indptr)
-        nonempty = lens > 0
+        its tolerance); a source mixing integral and non-integer cells is refused at once, and
+        `report` refuses a non-integer source whose values all stay below LOG1P_MAX (log1p data),
+        so that the builder and prediction read one matrix the same way."""
+        nonempty = np.diff(m.indptr) > 0
         fractional = row_sums(m.indptr, (np.abs(m.data - np.round(m.data)) >= INTEGER_TOL).astype(np.float32)) > 0
-        cell_max = np.zeros(len(lens))
-        if nonempty.any():
-            cell_max[nonempty] = np.maximum.reduceat(m.data, m.indptr[:-1][nonempty])
-        log_like = fractional & (cell_max < LOG1P_MAX)
-        if log_like.any():
-            first = int(np.argmax(log_like))
-            raise ValueError(
-                f"{self.src.name}: X looks log1p-normalised (cell {self.obs_names[rows[first]].decode()!r} has non-integer "
-                f"values up to {cell_max[first]:.3g}): pass input_log1p=True (--input-log1p) to recover its counts, or "
-                "give raw counts; stored as it is, it would be normalised twice")
+        if m.nnz:
+            self.max_value = max(self.max_value, float(m.data.max()))
         self.non_integer_cells += int(fractional.sum())
         self.integer_cells += int((nonempty & ~fractional).sum())
         if self.non_integer_cells and self.integer_cells:
@@ -207,7 +200,13 @@ class _CountsCleaner:
         return counts
 
     def report(self) -> None:
-        """Warn once per source with the true number of cells whose values were stored as not integral."""
+        """After the last block: refuse undeclared log1p data; warn with the true number of cells whose
+        values were stored as not integral."""
+        if self.non_integer_cells and not self.input_log1p and self.max_value < LOG1P_MAX:
+            raise ValueError(
+                f"{self.src.name}: X looks log1p-normalised (non-integer values, all below {LOG1P_MAX:g}; max "
+                f"{self.max_value:.3g}): pass input_log1p=True (--input-log1p) to recover its counts, or give raw "
+                "counts; stored as it is, it would be normalised twice")
         if self.non_integer_cells and not self.input_log1p:
             warnings.warn(f"{self.src.name}: X has non-integer values (above any log1p value) in all "
                           f"{self.non_integer_cells} cells, e.g. estimated counts; stored as given", stacklevel=3)

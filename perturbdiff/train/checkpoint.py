@@ -120,17 +120,31 @@ def save_resume_state(accelerator, output_dir: Path, step: int, *, ema: EMA | No
             os.replace(tmp, final)
             for old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
                 shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+    except Exception as err:  # torch.save (RuntimeError) and safetensors (SafetensorError) hide ENOSPC
+        free = shutil.disk_usage(root).free if root.exists() else 0  # measured before the partial folder goes
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(root).free < (64 << 20)
-        if full:
+        if _full_disk(err, free):
             raise OSError(errno.ENOSPC, f"no space left on the device writing checkpoint {final} "
-                                        f"({shutil.disk_usage(root).free >> 20} MiB free; the partial checkpoint was "
+                                        f"({free >> 20} MiB free; the partial checkpoint was "
                                         "removed, earlier checkpoints are intact); free space and --resume") from err
         raise
     accelerator.wait_for_everyone()
     return final
+
+
+def _full_disk(err: BaseException, free: int) -> bool:
+    """Whether a failed write ran out of space: ENOSPC somewhere in the chain, or a write failure
+    (torch / safetensors wording) with almost no space left."""
+    chain, e = [], err
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(getattr(e, "errno", None) == errno.ENOSPC for e in chain):
+        return True
+    text = " ".join(str(e).lower() for e in chain)
+    wrote = any(w in text for w in ("no space", "write failed", "unexpected pos", "failed to write", "i/o error"))
+    return wrote and free < (64 << 20)
 
 
 def _crc32c(path: Path) -> str:
@@ -179,19 +193,27 @@ def newest_intact_checkpoint(accelerator, output_dir: Path, log=print) -> Path |
     """
     from accelerate.utils import broadcast_object_list
 
-    chosen = [None]
+    chosen = [None, None]  # (path, error): the main process never raises before the collective
     if accelerator.is_main_process:
-        for ckpt in reversed(list_checkpoints(output_dir)):
-            problem = verify_manifest(ckpt)
-            if problem is None:
-                chosen = [str(ckpt)]
-                break
-            aside = ckpt.with_name(f".damaged-{ckpt.name}")
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(ckpt, aside)
-            log(f"--resume: skipping checkpoint {ckpt}: {problem} (moved aside to {aside.name})")
+        try:
+            for ckpt in reversed(list_checkpoints(output_dir)):
+                try:
+                    problem = verify_manifest(ckpt)
+                except (OSError, ValueError, TypeError, KeyError) as err:  # an unreadable file is damage too
+                    problem = f"it cannot be verified ({err})"
+                if problem is None:
+                    chosen[0] = str(ckpt)
+                    break
+                aside = ckpt.with_name(f".damaged-{ckpt.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(ckpt, aside)
+                log(f"--resume: skipping checkpoint {ckpt}: {problem} (moved aside to {aside.name})")
+        except Exception as err:
+            chosen[1] = f"--resume: cannot check the checkpoints in {output_dir}: {err}"
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen)
+    if chosen[1] is not None:
+        raise ValueError(chosen[1])
     return Path(chosen[0]) if chosen[0] is not None else None
 
 
@@ -223,33 +245,42 @@ def claim_output_dir(accelerator, output_dir: Path, cfg) -> None:
     """
     from accelerate.utils import broadcast_object_list
 
-    from .config import config_differences
-
     verdict = [None]
     if accelerator.is_main_process:
-        present = [name for name in RUN_FILES if (output_dir / name).exists()] if output_dir.is_dir() else []
-        holds_run = any(name in present for name in ("train_config.json", "metrics.jsonl", "checkpoints", "model"))
-        saved = output_dir / "train_config.json"
-        if holds_run and cfg.overwrite:
-            for name in present:
-                target = output_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-        elif holds_run and not cfg.resume:
-            verdict = [("exists", f"output directory {output_dir} holds an earlier run ({', '.join(present)}): pass "
-                                  "--resume to continue it, --overwrite to replace it, or choose another --output-dir")]
-        elif cfg.resume and saved.is_file():
-            diff = config_differences(json.loads(saved.read_text()), cfg)
-            if diff:
-                verdict = [("differs", f"--resume: this run's config differs from the run in {output_dir}: "
-                                       f"{'; '.join(diff[:8])}" + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
-                                       + "; resume with the same settings, or start a new run with --overwrite / "
-                                       "another --output-dir")]
+        try:
+            verdict = [_output_dir_verdict(output_dir, cfg)]
+        except Exception as err:  # never raise before the collective: the other ranks would wait in it
+            verdict = [("error", f"cannot use output directory {output_dir}: {err}")]
     if accelerator.num_processes > 1:
         broadcast_object_list(verdict)
     accelerator.wait_for_everyone()
     if verdict[0] is not None:
         kind, message = verdict[0]
         raise FileExistsError(message) if kind == "exists" else ValueError(message)
+
+
+def _output_dir_verdict(output_dir: Path, cfg):
+    """The main process's decision on ``output_dir``: None (go on) or (kind, message)."""
+    from .config import config_differences
+
+    present = [name for name in RUN_FILES if (output_dir / name).exists()] if output_dir.is_dir() else []
+    holds_run = any(name in present for name in ("train_config.json", "metrics.jsonl", "checkpoints", "model"))
+    saved = output_dir / "train_config.json"
+    if holds_run and cfg.overwrite:
+        for name in present:
+            target = output_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    elif holds_run and not cfg.resume:
+        return ("exists", f"output directory {output_dir} holds an earlier run ({', '.join(present)}): pass --resume "
+                          "to continue it, --overwrite to replace it, or choose another --output-dir")
+    elif cfg.resume and saved.is_file():
+        diff = config_differences(json.loads(saved.read_text()), cfg)
+        if diff:
+            return ("differs", f"--resume: this run's config differs from the run in {output_dir}: {'; '.join(diff[:8])}"
+                               + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "")
+                               + "; resume with the same settings, or start a new run with --overwrite / another "
+                               "--output-dir")
+    return None
 
 
 def truncate_metrics(path: Path, step: int) -> None:

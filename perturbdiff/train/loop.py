@@ -325,7 +325,8 @@ class Trainer:
                 finite = True
                 if accelerator.sync_gradients:
                     finite = self._finite_step(out["loss"], optim.grad_clip, self.mixed == "fp16")
-                if finite:
+                # under fp16 the gradient scaler must see every step: it skips a non-finite update itself
+                if finite or self.mixed == "fp16":
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if not finite:  # the step is skipped: no update, no EMA, the step count stays
