@@ -445,3 +445,21 @@ def test_kang_real_data_cell_types():
     for cond in ("ctrl", "stim"):
         assert counts["CD14 Mono"][cond] > 1000 and counts["T"][cond] > 1500
         assert counts["Megakaryocyte"][cond] > 50 and counts["DC"][cond] > 100
+
+
+def test_ensure_atlas_rebuilds_or_refuses_when_the_input_changed(tmp_path):
+    from perturbdiff.data import ensure_atlas
+
+    h5ad = tmp_path / "screen.h5ad"
+    _adata(num_genes=30).write_h5ad(h5ad)
+    built = ensure_atlas(h5ad, tmp_path / "atlases", progress=False, log=lambda _: None, **BUILD_COLUMNS)
+    first = Atlas(built).num_cells
+    stamp = (built / "zarr.json").stat().st_mtime_ns
+    assert ensure_atlas(h5ad, tmp_path / "atlases", progress=False, log=lambda _: None, **BUILD_COLUMNS) == built
+    assert (built / "zarr.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    smaller = _adata(num_genes=30)
+    smaller[: first // 2].copy().write_h5ad(h5ad)  # another file under the same name
+    with pytest.raises(ValueError, match=r"screen.h5ad changed since this run built its atlas"):
+        ensure_atlas(h5ad, tmp_path / "atlases", progress=False, changed="error", **BUILD_COLUMNS)
+    ensure_atlas(h5ad, tmp_path / "atlases", progress=False, log=lambda _: None, **BUILD_COLUMNS)
+    assert Atlas(built).num_cells == first // 2  # rebuilt from the new input

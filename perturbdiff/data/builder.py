@@ -616,12 +616,17 @@ def _check_controls(groups: pd.DataFrame, control_label: str) -> None:
         )
 
 
-def ensure_atlas(path, built_dir, *, progress: bool = True, log=print, **build_kwargs) -> Path:
+def ensure_atlas(path, built_dir, *, progress: bool = True, log=print, changed: str = "rebuild", **build_kwargs) -> Path:
     """An atlas to train on from ``path``: an atlas as it is, or an ``.h5ad`` built once into ``built_dir``.
 
-    ``built_dir/<stem>.zarr`` is reused when it is a complete atlas, else (re)built with the
-    ``build_atlas`` arguments given (column mapping, ``input_log1p``, ...).
+    ``built_dir/<stem>.zarr`` is reused when it is complete and was built from this very input with
+    these ``build_atlas`` arguments (``<stem>.source.json`` records the file's path, size and
+    modification time and the arguments). Otherwise it is (re)built, or, with ``changed="error"``
+    (a resumed run, which must go on with the data it started with), refused naming the input.
     """
+    import json
+
+    from ..files import atomic_json
     from .store import Atlas, AtlasError
 
     path = Path(path)
@@ -630,12 +635,23 @@ def ensure_atlas(path, built_dir, *, progress: bool = True, log=print, **build_k
     if path.suffix != ".h5ad":
         return path
     built = Path(built_dir) / f"{path.stem}.zarr"
+    record = Path(built_dir) / f"{path.stem}.source.json"
+    stat = path.stat()
+    source = json.loads(json.dumps({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                    "build": build_kwargs}, default=str))
     if built.exists():
         try:
             Atlas(built)
-            return built
+            if record.is_file() and json.loads(record.read_text()) == source:
+                return built
+            if changed == "error":
+                raise ValueError(f"{path} changed since this run built its atlas {built} (or was built with other column "
+                                 "flags): a resumed run must go on with the data it started with; start a new run "
+                                 "(--overwrite or another --output-dir)")
+            log(f"{path} is not the input {built} was built from (or the column flags differ): rebuilding it")
         except AtlasError:
             pass
     log(f"building atlas {built} from {path}")
     build_atlas(path, built, overwrite=True, progress=progress, **build_kwargs)
+    atomic_json(record, source)
     return built

@@ -155,6 +155,7 @@ class Trainer:
         with self.accelerator.main_process_first():  # one process builds, the others then open
             for p in [Path(p) for p in self.cfg.data.atlas] or [ensure_default_atlas()]:
                 paths.append(ensure_atlas(p, self.output_dir / "atlases", progress=self.accelerator.is_main_process,
+                                          changed="error" if self.cfg.resume else "rebuild",
                                           log=self._print, **self.cfg.data.columns))
         return [Atlas(p) for p in paths]
 
