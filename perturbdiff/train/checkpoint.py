@@ -157,9 +157,15 @@ def _crc32c(path: Path) -> str:
     return digest.hexdigest().decode()
 
 
+def _state_files(folder: Path) -> list[str]:
+    """The files of a checkpoint that its manifest lists (all but the manifest and the marker)."""
+    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST, "COMPLETE")]
+
+
 def _file_table(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "crc32c": _crc32c(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+    return {name: {"size": (folder / name).stat().st_size, "crc32c": _crc32c(folder / name)}
+            for name in _state_files(folder)}
 
 
 def verify_manifest(ckpt: Path) -> str | None:
@@ -171,7 +177,7 @@ def verify_manifest(ckpt: Path) -> str | None:
         listed = json.loads(path.read_text())["files"]
     except (ValueError, KeyError) as err:
         return f"its MANIFEST.json is unreadable ({err})"
-    present = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+    present = set(_state_files(ckpt))
     extra, missing = sorted(present - set(listed)), sorted(set(listed) - present)
     if extra or missing:
         return f"files differ from its manifest (extra {extra[:3]}, missing {missing[:3]})"

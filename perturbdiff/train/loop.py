@@ -335,13 +335,10 @@ class Trainer:
                 running = {k: 0.0 for k in running}
                 self._print(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
                             f"({skipped} in a row; train.max_skipped_steps={train.max_skipped_steps})")
-                if skipped > train.max_skipped_steps or self.is_deepspeed:  # DeepSpeed steps inside backward
+                if skipped > train.max_skipped_steps:
                     bar.close()
-                    last = checkpoint.list_checkpoints(self.output_dir)
-                    raise FloatingPointError(
-                        f"training diverged: non-finite loss or gradient at step {self.step + 1} for {skipped} steps in a "
-                        f"row (data with inf/NaN, a learning rate too high, or a damaged state); no export was written"
-                        + (f"; the last good checkpoint is {last[-1]}" if last else ""))
+                    raise self._diverged(f"non-finite loss or gradient at step {self.step + 1} for {skipped} steps in a "
+                                         "row (data with inf/NaN, a learning rate too high, or a damaged state)")
                 continue
             for k in running:
                 running[k] += out[k].detach().float().item() / optim.grad_accum
@@ -390,33 +387,37 @@ class Trainer:
         accelerator.end_training()
         return export_dir
 
+    def _on_every_rank(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (every rank takes the same branch after it)."""
+        flag = self.accelerator.reduce(torch.tensor([0.0 if ok else 1.0], device=self.accelerator.device), "sum")
+        return float(flag[0]) == 0.0
+
+    def _diverged(self, detail: str) -> FloatingPointError:
+        last = checkpoint.list_checkpoints(self.output_dir)
+        return FloatingPointError(f"training diverged: {detail}; no export was written"
+                                  + (f"; the last good checkpoint is {last[-1]}" if last else ""))
+
     def _check_deepspeed_loss(self, loss: torch.Tensor) -> None:
-        flag = self.accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0],
-                                                    device=self.accelerator.device), "sum")
-        if float(flag[0]) > 0:
-            last = checkpoint.list_checkpoints(self.output_dir)
-            raise FloatingPointError(f"training diverged: non-finite loss at step {self.step + 1} (DeepSpeed applies an "
-                                     "update inside backward, so the run stops before it); no export was written"
-                                     + (f"; the last good checkpoint is {last[-1]}" if last else ""))
+        if not self._on_every_rank(bool(torch.isfinite(loss.detach()).all())):
+            raise self._diverged(f"non-finite loss at step {self.step + 1} (DeepSpeed applies an update inside "
+                                 "backward, so the run stops before it)")
 
     def _finite_step(self, loss: torch.Tensor, grad_clip: float, fp16: bool) -> bool:
         """Clip the gradients and say whether the loss and the gradient norm are finite on every rank.
 
         Under fp16 the gradient scaler skips overflowing steps itself (and must see every step to
-        lower its scale), so there only a non-finite loss counts.
+        lower its scale), so there only a non-finite loss counts. Under DeepSpeed (which clips inside
+        its step) the loss was checked before backward.
         """
         accelerator = self.accelerator
         ok = bool(torch.isfinite(loss.detach()).all())
         if fp16:
             if grad_clip > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), grad_clip)
-            flag = accelerator.reduce(torch.tensor([0.0 if ok else 1.0], device=accelerator.device), "sum")
-            return float(flag[0]) == 0.0
-        if not self.is_deepspeed:  # DeepSpeed clips inside its step; its loss is checked
+        elif not self.is_deepspeed:
             norm = accelerator.clip_grad_norm_(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
             ok = ok and bool(torch.isfinite(torch.as_tensor(norm)).all())
-        flag = accelerator.reduce(torch.tensor([0.0 if ok else 1.0], device=accelerator.device), "sum")
-        return float(flag[0]) == 0.0
+        return self._on_every_rank(ok)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
