@@ -32,6 +32,7 @@ __all__ = [
     "to_model_space",
     "detect_input_space",
     "log1p_to_counts",
+    "decode_counts",
     "gene_columns",
     "INPUT_SPACES",
     "LOG1P_MAX",
@@ -253,6 +254,40 @@ def log1p_to_counts(m: sp.csr_matrix) -> tuple[sp.csr_matrix, int]:
     counts = rel * np.repeat(np.where(integral, mult, 1.0), lens)
     counts = np.where(np.repeat(integral, lens), np.round(counts), counts)
     return sp.csr_matrix((counts.astype(np.float32), m.indices, m.indptr), shape=m.shape), int((~integral).sum())
+
+
+def decode_counts(values: np.ndarray, library: np.ndarray, target_sum: float, rng: np.random.Generator,
+                  outside: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Put predicted cells on the count lattice of their library sizes: integer counts, then normalise.
+
+    A sequencer reports integers: a cell with L counts has normalised values log1p(k x T / L) for
+    integer k, so nothing between 0 and log1p(T / L). Each predicted value v (log1p-normalised) lies
+    between two such points, a = log1p(k T / L) <= v < b = log1p((k + 1) T / L); it becomes b with
+    probability (v - a) / (b - a), else a. The draw keeps v on average *in log space*, the space the
+    model is trained in, where its values are averages over what a cell could be (e.g. half way to one
+    count for a gene that is zero in half such cells); rounding the expected counts expm1(v) L / T
+    instead reads them as rates and gives too many zeros (measured: docs/benchmarks.md). The counts
+    are then normalised again, the cell's total being its counts plus ``outside`` (the counts of
+    genes not predicted, e.g. those of its control cell).
+
+    Args:
+        values: log1p-normalised predictions [n, G] (float32).
+        library: each cell's library size L [n] (the total count of its control cell).
+        target_sum: T of the normalisation.
+        rng: draws of the rounding.
+        outside: counts of each cell outside these G genes [n] (default 0: they are all the genes).
+
+    Returns:
+        (counts [n, G] float32 integers, normalised log1p values [n, G] float32).
+    """
+    v = values.astype(np.float64)
+    step = target_sum / np.asarray(library, dtype=np.float64)[:, None]  # one count, normalised
+    counts = np.floor(np.expm1(v) / step)
+    lo, hi = np.log1p(counts * step), np.log1p((counts + 1) * step)
+    counts += rng.random(v.shape) < (v - lo) / (hi - lo)
+    total = counts.sum(1, keepdims=True) + (0.0 if outside is None else np.asarray(outside, np.float64)[:, None])
+    normed = np.log1p(counts / np.where(total > 0, total, 1.0) * target_sum)
+    return counts.astype(np.float32), normed.astype(np.float32)
 
 
 # =========================================================================== genes

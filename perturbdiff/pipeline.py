@@ -31,7 +31,8 @@ from .cli import ShowDefaults
 from .conditions import clean_conditions, condition_rngs, draw_cells, feature_table, make_conditions, read_conditions
 from .configuration import NULL_ID
 from .diffusion import GaussianDiffusion
-from .expression import INPUT_SPACES, Normalization, detect_input_space, gene_columns, to_model_space
+from .expression import (INPUT_SPACES, Normalization, decode_counts, detect_input_space, gene_columns, log1p_to_counts,
+                         to_model_space)
 from .files import atomic_write, read_h5ad
 from .modeling import PerturbDiffModel
 from .objective import sample_sets
@@ -113,6 +114,7 @@ class PerturbDiffPipeline:
         eta: float = 0.0,
         seed: int = 0,
         batch_sets: int = 8,
+        integer_counts: bool = True,
         progress: bool = True,
     ):
         """Predict perturbed cells for each condition; returns an AnnData in the model's gene order.
@@ -143,6 +145,11 @@ class PerturbDiffPipeline:
             seed: sampling seed; each condition's draws depend only on the seed and the
                 condition, not on the other rows of the table.
             batch_sets: sets per forward pass.
+            integer_counts: put each predicted cell on the count lattice of its control cell's library
+                size (`perturbdiff.expression.decode_counts`: integer counts in ``layers["counts"]``,
+                X their normalisation), as a sequencer would report it; False keeps the model's
+                continuous values (values between zero and one count's worth, which no sequenced
+                cell has).
         """
         import anndata as ad
         from tqdm.auto import tqdm
@@ -165,14 +172,20 @@ class PerturbDiffPipeline:
             allow_missing_genes=allow_missing_genes,
         )
         members, sources = self._match_controls(conds, pool)
+        decode = bool(integer_counts) and norm.target_sum is not None and norm.log1p
+        if decode and pool["library"] is None:
+            raise ValueError("integer_counts=True needs each control cell's library size, and the log1p input's "
+                             "counts could not be recovered (it is not log1p of integer counts); pass raw counts, "
+                             "or integer_counts=False (--no-integer-counts)")
 
         G, K = cfg.num_genes, int(num_populations)
-        blocks, obs_blocks, table, own_blocks = [], [], [], []
+        blocks, obs_blocks, table, own_blocks, count_blocks = [], [], [], [], []
         # the input's own space is written beside the model's when the model's space is log1p-normalised
         own_space = None
         if norm.target_sum is not None and norm.log1p:
-            own_space = ("counts: expm1(X) / target_sum x the total count of the cell's control cell (expected "
-                         "counts at that library size, not integers)" if info["input_space"] == "counts" else
+            own_space = (("counts: integer counts at the library size of the cell's control cell" if decode else
+                          "counts: expm1(X) / target_sum x the total count of the cell's control cell (expected "
+                          "counts at that library size, not integers)") if info["input_space"] == "counts" else
                          "log1p: log1p(expm1(X) / target_sum x the expm1 total of the cell's control cell), the "
                          "normalisation of the input")
         ceiling = norm.max_value
@@ -185,8 +198,9 @@ class PerturbDiffPipeline:
             n_cells = counts[i]
             m = min(int(set_size), n_cells)
             key = (cond.perturbation, cond.context, cond.batch, cond.dose)
+            rngs = condition_rngs(seed, key)
             values, used = self._sample_condition(
-                pool["X"], members[i], condition_rngs(seed, key), n_cells=n_cells, set_size=m,
+                pool["X"], members[i], rngs, n_cells=n_cells, set_size=m,
                 num_populations=K, batch_sets=int(batch_sets), ids={k: v[i] for k, v in ids.items()},
                 features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, bar=bar,
             )
@@ -194,8 +208,14 @@ class PerturbDiffPipeline:
             if ceiling is not None:  # no cell can exceed "all its counts in one gene"
                 num_clipped += int((values > ceiling).sum())
                 np.minimum(values, ceiling, out=values)
+            if decode:  # integer counts at each cell's control library size, normalised again
+                cell_counts, values = decode_counts(values, pool["library"][used.ravel()], norm.target_sum, rngs[0],
+                                                    outside=pool["outside"][used.ravel()])
+                count_blocks.append(cell_counts)
             blocks.append(values)
-            if own_space is not None:  # the input's own space, at the library size of each cell's control cell
+            if own_space is not None and decode and info["input_space"] == "counts":
+                own_blocks.append(cell_counts)
+            elif own_space is not None:  # the input's own space, at the library size of each cell's control cell
                 own = np.expm1(values) * (pool["totals"][used.ravel()] / norm.target_sum)[:, None]
                 own_blocks.append((np.log1p(own) if info["input_space"] == "log1p" else own).astype(np.float32))
             obs_blocks.append(pd.DataFrame({
@@ -230,12 +250,15 @@ class PerturbDiffPipeline:
             "input_space": info["input_space"], "input_target_sum": info["input_target_sum"],
             "num_missing_genes": int(info["missing_genes"]), "num_dropped_empty_cells": int(info["dropped"]),
             "num_clipped_values": num_clipped,
+            "integer_counts": decode,
             "conditions": conditions_table,
         }}
         X = np.concatenate(blocks).astype(np.float32, copy=False)
         layers = {}
         if own_space is not None:
             layers["input_space"] = np.concatenate(own_blocks)
+        if decode:
+            layers["counts"] = np.concatenate(count_blocks)
             uns["perturbdiff"]["input_space_layer"] = own_space
         return ad.AnnData(X=X, obs=obs, var=var, uns=uns, layers=layers)
 
@@ -379,6 +402,15 @@ class PerturbDiffPipeline:
         if not keep.any():
             raise ValueError("every selected control cell has zero expression")
         rows, pool_X, totals = rows[keep], pool_X[keep], totals[keep]
+        # library sizes (total counts) for integer_counts; for log1p input, from the recovered counts
+        library = totals
+        if space == "log1p":
+            recovered, non_integral = log1p_to_counts(sp.csr_matrix(X, dtype=np.float32)[np.flatnonzero(keep)])
+            library = None if non_integral else np.asarray(recovered.sum(1), dtype=np.float64).ravel()
+        # each control cell's counts outside the model's genes (kept as they are by integer_counts)
+        outside = None if library is None or norm.target_sum is None else np.maximum(
+            library - (np.expm1(pool_X.astype(np.float64) * norm.scale).sum(1) * library / norm.target_sum
+                       if norm.log1p else 0.0), 0.0)
         median = float(np.median(totals))
         # log1p input normalised to one total T says so by its expm1 totals; counts have none
         constant = space == "log1p" and (totals.max() - totals.min()) <= 1e-2 * median
@@ -386,6 +418,8 @@ class PerturbDiffPipeline:
         pool = {
             "X": pool_X,
             "totals": totals,  # each control cell's total in the input's own space (counts, or expm1 of log1p)
+            "library": library,  # each control cell's total count (None: log1p input without integral counts)
+            "outside": outside,  # its counts in genes the model does not predict
             "context": obs[ckey].astype(str).to_numpy()[rows] if ckey else None,
             "batch": obs[bkey].astype(str).to_numpy()[rows] if bkey else None,
             "context_key": ckey,
@@ -477,6 +511,9 @@ def add_parser(sub) -> None:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic given the seed)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-sets", type=int, default=8, help="sets per forward pass")
+    s.add_argument("--no-integer-counts", dest="integer_counts", action="store_false",
+                   help="keep the model's continuous values instead of integer counts at each cell's control "
+                   "library size (layers['counts'])")
     s.add_argument("--device", default="auto")
     s.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
@@ -502,7 +539,7 @@ def _run(args) -> int:
         allow_missing_genes=args.allow_missing_genes, cells_per_condition=args.cells_per_condition,
         set_size=args.set_size, num_populations=args.num_populations, num_steps=args.steps,
         guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, batch_sets=args.batch_sets,
-        progress=not args.no_progress,
+        integer_counts=args.integer_counts, progress=not args.no_progress,
     )
     atomic_write(args.out, pred.write_h5ad)
     n_cond = len(pred.uns["perturbdiff"]["conditions"])

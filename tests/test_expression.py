@@ -8,6 +8,7 @@ import scipy.sparse as sp
 
 from perturbdiff.expression import (
     Normalization,
+    decode_counts,
     detect_input_space,
     gene_columns,
     log1p_to_counts,
@@ -104,3 +105,32 @@ def test_count_recovery_and_gene_columns():
     with pytest.raises(ValueError, match=r"the data has duplicated gene names among the model's genes: \['a'\]"):
         gene_columns(["a", "b", "a"], ["a"])
     gene_columns(["a", "b", "b"], ["a"])  # duplicates outside the vocabulary do not matter
+
+
+def test_decode_counts_puts_cells_on_their_count_lattice_without_bias():
+    """Integer counts at each cell's library size; unbiased; a lattice point is kept as it is."""
+    rng = np.random.default_rng(0)
+    counts = _counts(cells=200, genes=30)
+    library = counts.sum(1) * rng.uniform(0.5, 2.0, len(counts))  # some other library size per cell
+    values = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4 * rng.uniform(0.6, 1.4, counts.shape))
+    out_counts, normed = decode_counts(values.astype(np.float32), library, 1e4, np.random.default_rng(1))
+    assert np.array_equal(out_counts, np.round(out_counts)) and (out_counts >= 0).all()
+    expected = np.expm1(values) * library[:, None] / 1e4
+    assert (np.abs(out_counts - expected) < 1).all()  # each value goes to a neighbouring integer
+    # unbiased in log space: the lattice values average to the predicted values
+    lattice_values = np.log1p(out_counts * 1e4 / library[:, None])
+    step = np.log1p((np.floor(expected) + 1) * 1e4 / library[:, None]) - np.log1p(np.floor(expected) * 1e4 / library[:, None])
+    assert abs(lattice_values.mean() - values.mean()) < 4 * np.sqrt((step**2 / 4).mean() / values.size)
+    # normalised again over the cell's own counts: totals are exactly the target sum, and no
+    # non-zero value is below one count's worth at the cell's new total
+    np.testing.assert_allclose(np.expm1(normed.astype(np.float64)).sum(1), 1e4, rtol=1e-4)
+    one_count = np.log1p(1e4 / out_counts.sum(1, keepdims=True))
+    assert (normed[normed > 0] >= np.broadcast_to(one_count, normed.shape)[normed > 0] * (1 - 1e-5)).all()
+    # a cell already on its lattice comes back unchanged
+    lattice = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    same, _ = decode_counts(lattice, counts.sum(1), 1e4, np.random.default_rng(2))
+    assert np.array_equal(same, counts)
+    # counts outside the predicted genes count in the total
+    _, partial = decode_counts(lattice[:, :10], counts.sum(1), 1e4, np.random.default_rng(2),
+                               outside=counts[:, 10:].sum(1))
+    np.testing.assert_allclose(partial, lattice[:, :10], atol=1e-4)

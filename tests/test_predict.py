@@ -98,7 +98,7 @@ def test_output_anndata(pipe):
 def test_output_is_model_output_times_scale(pipe):
     """One set, no padding: X is sample_sets on the model-normalised controls, times the scale."""
     control = make_control(n_per_group=8, sparse=False)
-    out = predict(pipe, control, perturbation="TNF", context="monocyte", set_size=8)
+    out = predict(pipe, control, perturbation="TNF", context="monocyte", set_size=8, integer_counts=False)
     cfg = pipe.config
     ctrl = control[(control.obs["context"] == "monocyte") & (control.obs["perturbation"] == "control")]
     # Totals over all 20 genes of the data, then the model's genes in the model's order.
@@ -148,6 +148,7 @@ def test_log1p_input_matches_counts(pipe):
     logged.X = np.log1p(logged.X / totals * 1e6)  # another target sum: rescaled to the model's
     a = predict(pipe, control, perturbation="IFNB", context="T cell")
     b = predict(pipe, logged, perturbation="IFNB", context="T cell")
+    np.testing.assert_array_equal(a.layers["counts"], b.layers["counts"])  # the counts are recovered from log1p
     assert b.uns["perturbdiff"]["input_space"] == "log1p"
     assert np.isclose(b.uns["perturbdiff"]["input_target_sum"], 1e6, rtol=1e-3)
     np.testing.assert_allclose(a.X, b.X, atol=2e-3)
@@ -211,6 +212,10 @@ BAD_INPUTS = {
     "features for featureless model": (dict(perturbation="IFNB", context="T cell", perturbation_features={"IFNB": [1.0]}),
                                        None, r"the model takes none"),
     "bad set size": (dict(perturbation="IFNB", context="T cell", set_size=0), None, r"set_size must be >= 1"),
+    "integer counts from log1p of non-counts": (
+        dict(perturbation="IFNB", context="T cell"),
+        lambda c: _with_X(c, np.log1p(np.random.default_rng(0).gamma(1.0, 3.0, c.shape))),
+        r"integer_counts=True needs each control cell's library size.*integer_counts=False \(--no-integer-counts\)"),
 }
 
 
@@ -246,6 +251,43 @@ def test_the_input_space_layer_puts_each_cell_at_its_control_cells_library_size(
     layer = out.layers["input_space"]
     for row in layer:  # every predicted cell is one of the control cells, in the control data's own values
         assert np.abs(source - row).max(1).min() < 1e-3 * max(1.0, float(row.max()))
+
+
+def test_integer_counts_give_back_the_control_cells_of_a_model_that_changes_nothing(model_dir):
+    """A paired model whose head adds nothing predicts each control cell itself: integer counts give
+    back exactly that cell's counts (layers["counts"]), and X normalises them over all its genes."""
+    model = pdiff.PerturbDiffModel.from_pretrained(model_dir)
+    paired = pdiff.PerturbDiffModel(pdiff.PerturbDiffConfig(**{**model.config.to_dict(), "paired_control": True}))
+    with torch.no_grad():
+        paired.final_layer.linear.weight.zero_()
+        paired.final_layer.linear.bias.zero_()
+    control = make_control(sparse=False)
+    out = predict(PerturbDiffPipeline(paired, device="cpu"), control, perturbation="TNF", context="monocyte")
+    assert out.uns["perturbdiff"]["integer_counts"]
+    mono = control[(control.obs["context"] == "monocyte").to_numpy()]
+    source = mono[:, GENES].X
+    for row in out.layers["counts"]:
+        assert np.abs(source - row).max(1).min() == 0  # one of the control cells, count for count
+    normed = np.log1p(mono.X / mono.X.sum(1, keepdims=True) * 1e4)[:, [list(mono.var_names).index(g) for g in GENES]]
+    for row in out.X:
+        assert np.abs(normed - row).max(1).min() < 1e-4
+
+
+def test_integer_counts_of_any_model_look_sequenced(pipe):
+    """Whatever the (untrained) model predicts, each cell is integer counts normalised at one total:
+    zero where the count is zero, else k times one count's worth, nothing in between."""
+    control = make_control()
+    out = predict(pipe, control, perturbation=["IFNB", "TNF"], context="T cell")
+    counts = out.layers["counts"]
+    assert np.array_equal(counts, np.round(counts)) and (counts >= 0).all() and counts.sum() > 0
+    X = out.X.astype(np.float64)
+    assert np.array_equal(X == 0, counts == 0)
+    per_count = np.where(counts > 0, np.expm1(X) / np.maximum(counts, 1), np.nan)  # one count's worth, per cell
+    spread = np.nanmax(per_count, 1) / np.nanmin(per_count, 1)
+    np.testing.assert_allclose(spread[np.isfinite(spread)], 1.0, rtol=1e-4)
+    assert (np.nanmin(per_count, 1) <= 1e4 / counts.sum(1) * (1 + 1e-4)).all()  # the total includes the extra genes
+    continuous = predict(pipe, control, perturbation=["IFNB", "TNF"], context="T cell", integer_counts=False)
+    assert "counts" not in continuous.layers and not continuous.uns["perturbdiff"]["integer_counts"]
 
 
 def test_cells_per_condition_come_from_the_table(pipe):
