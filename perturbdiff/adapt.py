@@ -18,7 +18,7 @@ from .modeling import PerturbDiffModel
 __all__ = ["extend_vocabulary", "adapt_model", "adapt_pretrained", "FINETUNE_OVERRIDES"]
 
 # config fields a finetuning run may change on its base model (behaviour, not shapes or weights)
-FINETUNE_OVERRIDES = {"paired_control"}
+FINETUNE_OVERRIDES = {"paired_control", "perturbation_shift"}
 
 
 def extend_vocabulary(base: Sequence[str], new: Sequence[str]) -> list[str]:
@@ -110,6 +110,14 @@ def adapt_model(
         new_sd["final_layer.control_gate"][dst] = old_sd["final_layer.control_gate"][src]
         handled.add("final_layer.control_gate")
     report["genes"] = _counts(old_genes, config.gene_names or old_genes)
+    key = "perturbation_shift.weight"  # [perturbation ids, genes]: shared perturbations x shared genes
+    if key in old_sd and key in new_sd:
+        old_pos = {n: i + 1 for i, n in enumerate(base_config.perturbation_names)}
+        rows = [(j + 1, old_pos[n]) for j, n in enumerate(config.perturbation_names) if n in old_pos]
+        if rows:
+            rdst, rsrc = (torch.tensor(x) for x in zip(*rows))
+            new_sd[key][rdst[:, None], dst[None]] = old_sd[key][rsrc[:, None], src[None]]
+        handled.add(key)
 
     for key, value in old_sd.items():  # everything else has the same shape
         if key in handled or key not in new_sd:  # not in new_sd: a module the new config turns off

@@ -67,6 +67,11 @@ class PerturbDiffConfig(PretrainedConfig):
             own control. Training pairs a perturbed set's cells with its control set's cells by
             optimal transport. A population keeps its own identity cell by cell, which is what a
             cell type never seen perturbed needs.
+        perturbation_shift: an explicit additive pathway: a learned per-perturbation shift [G],
+            shared by every context, added to the head's output beside the control residual (only
+            when a control set is given), so the network starts from "control + the perturbation's
+            average change" and learns the context-specific correction. Zero for the null
+            perturbation (and under guidance's dropped covariates).
         normalization: dict of :class:`~perturbdiff.expression.Normalization` fields.
         control_label: the perturbation name that marks control cells in the training data.
         set_size: cells per set the model was trained with (the trainer records it); prediction
@@ -95,6 +100,7 @@ class PerturbDiffConfig(PretrainedConfig):
         self_conditioning: bool = True,
         control_residual: bool = True,
         paired_control: bool = False,
+        perturbation_shift: bool = False,
         normalization: dict | None = None,
         control_label: str | None = "control",
         set_size: int | None = None,
@@ -121,6 +127,7 @@ class PerturbDiffConfig(PretrainedConfig):
         self.self_conditioning = self_conditioning
         self.control_residual = control_residual
         self.paired_control = bool(paired_control)
+        self.perturbation_shift = bool(perturbation_shift)
         self.normalization = Normalization.from_dict(normalization).to_dict()
         self.control_label = control_label
         self.set_size = set_size

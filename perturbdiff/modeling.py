@@ -171,12 +171,15 @@ class FinalLayer(nn.Module):
         self.control_gate = nn.Parameter(torch.zeros(num_genes)) if control_residual else None
         self.activation = activation
 
-    def forward(self, x, cond, control_residual=None):
-        """``control_residual``: the control mean [B, 1, G] or each cell's paired control cell [B, m, G]."""
+    def forward(self, x, cond, control_residual=None, perturbation_shift=None):
+        """``control_residual``: the control mean [B, 1, G] or each cell's paired control cell [B, m, G];
+        ``perturbation_shift``: the additive pathway's shift [B, 1, G]."""
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)  # [B, d] each
         out = self.linear(modulate(self.norm(x), shift, scale))  # [B, m, G]
         if control_residual is not None and self.control_gate is not None:
             out = out + self.GATE_GAIN * self.control_gate * control_residual
+        if perturbation_shift is not None:
+            out = out + perturbation_shift
         if self.activation == "relu":
             # relu's value with the identity's gradient (straight-through): a gene whose output went
             # negative for every cell still gets pulled back up where the target is positive,
@@ -208,6 +211,8 @@ class PerturbDiffPreTrainedModel(PreTrainedModel):
                 init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and getattr(module, "zero_init", False):
+            init.zeros_(module.weight)  # the additive pathway starts at "no change"
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.RMSNorm) and module.weight is not None:
@@ -239,6 +244,12 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             [JointBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.num_layers)]
         )
         self.final_layer = FinalLayer(d, G, config.output_activation, config.control_residual)
+        # the additive pathway: one shift per perturbation id (row 0, the null id, stays zero),
+        # stored divided by the head's gain so that Adam moves it O(1) within a short run
+        self.perturbation_shift = (nn.Embedding(config.num_ids("perturbation"), G, padding_idx=NULL_ID)
+                                   if config.perturbation_shift else None)
+        if self.perturbation_shift is not None:
+            self.perturbation_shift.zero_init = True
         self.post_init()
 
     @classmethod
@@ -300,13 +311,17 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         if self.pair_embed is not None and control is not None:
             x = x + self.pair_embed(control)  # [B, m, d]: each token reads its own control cell
         c = self.c_embed(control) if control is not None else None  # [B, m, d] or None
+        shift = None
+        if control is not None and self.perturbation_shift is not None:
+            pid = ids[0] if drop_covariates is None else torch.where(drop_covariates, torch.full_like(ids[0], NULL_ID), ids[0])
+            shift = FinalLayer.GATE_GAIN * self.perturbation_shift(pid).unsqueeze(1)  # [B, 1, G]
         residual = None
         if control is not None and self.config.control_residual:
             # each cell's own control cell [B, m, G] (paired_control), else the set's mean [B, 1, G]
             residual = control if self.config.paired_control else control.mean(dim=1, keepdim=True)
         for block in self.blocks:
             x, c = block(x, c, cond)  # [B, m, d], [B, n, d]
-        return self.final_layer(x, cond, residual)  # [B, m, G]
+        return self.final_layer(x, cond, residual, shift)  # [B, m, G]
 
     # ------------------------------------------------------------------ input checks
     def _check_inputs(self, x_t, self_cond, control, features, dose):

@@ -186,3 +186,28 @@ def test_paired_control_adds_each_cells_own_control_cell(tiny_model, tiny_config
     torch.testing.assert_close(paired(**both), without[:, perm], rtol=1e-5, atol=1e-5)
     alone = dict(inputs, control=inputs["control"][:, perm])
     assert not torch.allclose(paired(**alone), without, atol=1e-4)
+
+
+def test_the_additive_pathway_adds_one_shift_per_perturbation_and_none_for_null_or_dropped(tiny_config):
+    config = pdiff.PerturbDiffConfig(**{**tiny_config.to_dict(), "perturbation_shift": True, "output_activation": "none"})
+    model = pdiff.PerturbDiffModel(config).eval()
+    assert model.perturbation_shift.weight.abs().sum() == 0  # starts at "no change"
+    inputs = make_inputs(config, B=3)
+    inputs["perturbation"] = torch.tensor([0, 2, 3])  # null, IFNB, TNF
+    before = model(**inputs)
+    with torch.no_grad():
+        model.perturbation_shift.weight[1:] = torch.randn(3, config.num_genes)
+    after = model(**inputs)
+    gain = model.final_layer.GATE_GAIN
+    torch.testing.assert_close(after - before, gain * model.perturbation_shift.weight[[0, 2, 3]][:, None].expand_as(before))
+    assert torch.equal(after[0], before[0])  # the null perturbation has no shift
+    dropped = model(**inputs, drop_covariates=torch.tensor([False, True, False]))
+    torch.testing.assert_close(dropped[1], model(**{**inputs, "perturbation": torch.tensor([0, 0, 0])},
+                                                 drop_covariates=torch.tensor([False, True, False]))[1])
+    no_control = {k: v for k, v in inputs.items() if k != "control"}
+    with torch.no_grad():
+        model.perturbation_shift.weight.zero_()
+    plain = model(**no_control)
+    with torch.no_grad():
+        model.perturbation_shift.weight[1:] = 1.0
+    torch.testing.assert_close(model(**no_control), plain)  # a change from a control set only: none without one
