@@ -47,3 +47,35 @@ def test_decompose_attributes_a_prediction_to_the_profile_it_copies(source, real
     assert abs(out["coef_stimulated_training_type"]["DC"]) < 0.05
     assert (out["pearson_delta"] > 0.99) == (source == "NK")
     assert len(out["largest_errors"]) == 3
+
+
+def test_suite_smoke_run_scores_a_fold_resumes_and_refuses_other_settings(tmp_path, capsys):
+    """One fold of the benchmark suite end to end (the built-in synthetic screen, a debug budget):
+    the scoreboard has the model, every baseline and the split-half ceiling, beats-baseline flags
+    that follow from its numbers, and a rerun reuses the finished run instead of training again."""
+    import json
+
+    import suite
+
+    argv = ["--datasets", "synthetic", "--seeds", "0", "--steps", "4", "--preset", "debug",
+            "--sample-steps", "2", "--output-dir", str(tmp_path)]
+    board = suite.main(argv)
+    entry = board["datasets"]["synthetic"]
+    assert set(entry["methods"]) == {"perturbdiff", *suite.BASELINES, suite.CEILING}
+    assert entry["runs"] == 1 and entry["folds"] == [0] and entry["seeds"] == [0]
+    for baseline, flags in entry["beats"].items():
+        for metric, better in suite.METRICS.items():
+            mine, theirs = entry["methods"]["perturbdiff"][metric], entry["methods"][baseline][metric]
+            if mine is None or theirs is None:
+                assert flags[metric] is None
+            else:
+                assert flags[metric] == (mine["mean"] > theirs["mean"] if better == "max" else mine["mean"] < theirs["mean"])
+    # the ceiling is the real cells against themselves: far closer than the untrained model
+    assert entry["methods"][suite.CEILING]["energy_distance"]["mean"] < entry["methods"]["perturbdiff"]["energy_distance"]["mean"]
+    assert json.loads((tmp_path / "scoreboard.json").read_text())["datasets"]["synthetic"]["beats"] == entry["beats"]
+    out = capsys.readouterr().out
+    assert "## synthetic" in out and "beats every baseline on pearson_delta and energy_distance" in out
+    suite.main(argv)
+    assert "done earlier" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="was run with other settings"):
+        suite.main(argv[:-2] + ["--steps", "5", "--output-dir", str(tmp_path)])
