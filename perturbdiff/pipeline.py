@@ -166,13 +166,13 @@ class PerturbDiffPipeline:
 
         conds = self._resolve_conditions(conditions, perturbation, context, batch, dose)
         ids, features = self._encode_conditions(conds, perturbation_features)
+        decode = bool(integer_counts) and norm.target_sum is not None and norm.log1p
         pool, info = self._control_pool(
             control, perturbation_key=perturbation_key, context_key=context_key, batch_key=batch_key,
             control_label=control_label, gene_key=gene_key, layer=layer, input_space=input_space,
-            allow_missing_genes=allow_missing_genes,
+            allow_missing_genes=allow_missing_genes, library_sizes=decode,
         )
         members, sources = self._match_controls(conds, pool)
-        decode = bool(integer_counts) and norm.target_sum is not None and norm.log1p
         if decode and pool["library"] is None:
             raise ValueError("integer_counts=True needs each control cell's library size, and the log1p input's "
                              "counts could not be recovered (it is not log1p of integer counts); pass raw counts, "
@@ -257,9 +257,9 @@ class PerturbDiffPipeline:
         layers = {}
         if own_space is not None:
             layers["input_space"] = np.concatenate(own_blocks)
+            uns["perturbdiff"]["input_space_layer"] = own_space
         if decode:
             layers["counts"] = np.concatenate(count_blocks)
-            uns["perturbdiff"]["input_space_layer"] = own_space
         return ad.AnnData(X=X, obs=obs, var=var, uns=uns, layers=layers)
 
     def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
@@ -339,7 +339,7 @@ class PerturbDiffPipeline:
 
     # ------------------------------------------------------------------ control cells
     def _control_pool(self, control, *, perturbation_key, context_key, batch_key, control_label, gene_key,
-                      layer, input_space, allow_missing_genes) -> tuple[dict, dict]:
+                      layer, input_space, allow_missing_genes, library_sizes=False) -> tuple[dict, dict]:
         """Select, gene-map and normalise the control cells: X [n, G] in the model's space."""
         cfg, norm = self.config, self.norm
         if not hasattr(control, "obs") or not hasattr(control, "var"):
@@ -402,15 +402,18 @@ class PerturbDiffPipeline:
         if not keep.any():
             raise ValueError("every selected control cell has zero expression")
         rows, pool_X, totals = rows[keep], pool_X[keep], totals[keep]
-        # library sizes (total counts) for integer_counts; for log1p input, from the recovered counts
-        library = totals
-        if space == "log1p":
-            recovered, non_integral = log1p_to_counts(sp.csr_matrix(X, dtype=np.float32)[np.flatnonzero(keep)])
-            library = None if non_integral else np.asarray(recovered.sum(1), dtype=np.float64).ravel()
-        # each control cell's counts outside the model's genes (kept as they are by integer_counts)
-        outside = None if library is None or norm.target_sum is None else np.maximum(
-            library - (np.expm1(pool_X.astype(np.float64) * norm.scale).sum(1) * library / norm.target_sum
-                       if norm.log1p else 0.0), 0.0)
+        # with library_sizes (integer counts; the model's space is log1p of total-normalised counts):
+        # each control cell's total count (for log1p input, that of its recovered counts; None when
+        # they cannot be recovered) and its counts in genes the model does not predict
+        library = outside = None
+        if library_sizes:
+            library = totals
+            if space == "log1p":
+                recovered, non_integral = log1p_to_counts(sp.csr_matrix(X, dtype=np.float32)[np.flatnonzero(keep)])
+                library = None if non_integral else np.asarray(recovered.sum(1), dtype=np.float64).ravel()
+            if library is not None:
+                inside = np.expm1(pool_X.astype(np.float64) * norm.scale).sum(1) * library / norm.target_sum
+                outside = np.maximum(library - inside, 0.0)
         median = float(np.median(totals))
         # log1p input normalised to one total T says so by its expm1 totals; counts have none
         constant = space == "log1p" and (totals.max() - totals.min()) <= 1e-2 * median
@@ -418,7 +421,7 @@ class PerturbDiffPipeline:
         pool = {
             "X": pool_X,
             "totals": totals,  # each control cell's total in the input's own space (counts, or expm1 of log1p)
-            "library": library,  # each control cell's total count (None: log1p input without integral counts)
+            "library": library,  # each control cell's total count (None: not asked for, or not recoverable)
             "outside": outside,  # its counts in genes the model does not predict
             "context": obs[ckey].astype(str).to_numpy()[rows] if ckey else None,
             "batch": obs[bkey].astype(str).to_numpy()[rows] if bkey else None,

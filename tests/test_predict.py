@@ -288,6 +288,7 @@ def test_integer_counts_of_any_model_look_sequenced(pipe):
     assert (np.nanmin(per_count, 1) <= 1e4 / counts.sum(1) * (1 + 1e-4)).all()  # the total includes the extra genes
     continuous = predict(pipe, control, perturbation=["IFNB", "TNF"], context="T cell", integer_counts=False)
     assert "counts" not in continuous.layers and not continuous.uns["perturbdiff"]["integer_counts"]
+    assert continuous.uns["perturbdiff"]["input_space_layer"].startswith("counts: expm1(X)")
 
 
 def test_cells_per_condition_come_from_the_table(pipe):
