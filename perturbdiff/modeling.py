@@ -37,6 +37,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def null_dropped(ids: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """Covariate ids [B] with the sets marked in ``drop`` [B] (guidance's unconditional sets) set to null."""
+    return ids if drop is None else torch.where(drop, torch.full_like(ids, NULL_ID), ids)
+
+
 class Mlp(nn.Module):
     def __init__(self, d_in: int, d_hidden: int, d_out: int):
         super().__init__()
@@ -90,9 +95,7 @@ class CovariateEmbedder(nn.Module):
         keep = None if drop is None else ~drop  # [B]
         emb = 0
         for table, ids in ((self.perturbation, perturbation), (self.context, context), (self.batch, batch)):
-            if keep is not None:
-                ids = torch.where(keep, ids, torch.full_like(ids, NULL_ID))
-            emb = emb + table(ids)  # [B, d]
+            emb = emb + table(null_dropped(ids, drop))  # [B, d]
         extras = []
         if dose is not None:
             extras.append(self.dose(torch.log1p(dose.float().clamp_min(0)).unsqueeze(-1).to(emb.dtype)))
@@ -313,7 +316,7 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
         c = self.c_embed(control) if control is not None else None  # [B, m, d] or None
         shift = None
         if control is not None and self.perturbation_shift is not None:
-            pid = ids[0] if drop_covariates is None else torch.where(drop_covariates, torch.full_like(ids[0], NULL_ID), ids[0])
+            pid = null_dropped(ids[0], drop_covariates)
             shift = FinalLayer.GATE_GAIN * self.perturbation_shift(pid).unsqueeze(1)  # [B, 1, G]
         residual = None
         if control is not None and self.config.control_residual:
