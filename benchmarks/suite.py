@@ -42,7 +42,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,7 +79,6 @@ class Dataset:
     max_train_cells: int | None = None  # subsample every cell but the held-out ones to this many
     missing: str = ""
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _kang_counts():
@@ -195,12 +194,15 @@ def _atlas(screen, ds: Dataset, path: Path) -> Path:
 
 
 def _complete(path: Path) -> bool:
+    """Is there a complete atlas at ``path``? (Any other error than "absent" or "incomplete/damaged"
+    is raised, rather than answered by rebuilding over the folder.)"""
     from perturbdiff.data import open_atlas
+    from perturbdiff.data.store import AtlasError
 
     try:
         open_atlas(path)
         return True
-    except Exception:
+    except (FileNotFoundError, AtlasError):
         return False
 
 
