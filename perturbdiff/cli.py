@@ -16,6 +16,7 @@ _SUBCOMMANDS: dict[str, str] = {
     "atlas": "perturbdiff.data.cli:add_parser",
     "predict": "perturbdiff.pipeline:add_parser",
     "evaluate": "perturbdiff.evaluation:add_parser",
+    "features": "perturbdiff.features:add_parser",
 }
 
 
