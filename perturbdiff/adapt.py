@@ -18,7 +18,7 @@ from .modeling import PerturbDiffModel
 __all__ = ["extend_vocabulary", "adapt_model", "adapt_pretrained", "FINETUNE_OVERRIDES"]
 
 # config fields a finetuning run may change on its base model (behaviour, not shapes or weights)
-FINETUNE_OVERRIDES = {"paired_control", "perturbation_shift"}
+FINETUNE_OVERRIDES = {"paired_control", "perturbation_shift", "perturbation_feature_dim"}
 
 
 def extend_vocabulary(base: Sequence[str], new: Sequence[str]) -> list[str]:
@@ -110,14 +110,8 @@ def adapt_model(
         new_sd["final_layer.control_gate"][dst] = old_sd["final_layer.control_gate"][src]
         handled.add("final_layer.control_gate")
     report["genes"] = _counts(old_genes, config.gene_names or old_genes)
-    key = "perturbation_shift.weight"  # [perturbation ids, genes]: shared perturbations x shared genes
-    if key in old_sd and key in new_sd:
-        old_pos = {n: i + 1 for i, n in enumerate(base_config.perturbation_names)}
-        rows = [(j + 1, old_pos[n]) for j, n in enumerate(config.perturbation_names) if n in old_pos]
-        if rows:
-            rdst, rsrc = (torch.tensor(x) for x in zip(*rows))
-            new_sd[key][rdst[:, None], dst[None]] = old_sd[key][rsrc[:, None], src[None]]
-        handled.add(key)
+    # the additive pathway's effects are measured on the new screen's training cells by the trainer
+    handled.add("perturbation_effect")
 
     for key, value in old_sd.items():  # everything else has the same shape
         if key in handled or key not in new_sd:  # not in new_sd: a module the new config turns off
@@ -132,7 +126,7 @@ def adapt_model(
 def adapt_pretrained(base_dir, *, gene_names: Sequence[str], perturbation_names: Sequence[str],
                      context_names: Sequence[str], batch_names: Sequence[str], new_genes: str = "add",
                      overrides: dict | None = None, min_shared_genes: float = 0.5, seed: int = 0,
-                     log=print) -> PerturbDiffModel:
+                     perturbation_feature_dim: int | None = None, log=print) -> PerturbDiffModel:
     """A saved model (``from_pretrained`` folder) adapted to a screen's genes and covariates.
 
     Base names keep their ids and learned rows; the screen's new perturbations, contexts and
@@ -148,6 +142,8 @@ def adapt_pretrained(base_dir, *, gene_names: Sequence[str], perturbation_names:
         raise FileNotFoundError(f"base model {base_dir} has no config.json (expected a save_pretrained folder)")
     if new_genes not in ("add", "drop"):
         raise ValueError(f"model.new_genes must be 'add' or 'drop', got {new_genes!r}")
+    if perturbation_feature_dim is not None:  # a feature table given to finetuning (data.perturbation_features)
+        overrides = {**(overrides or {}), "perturbation_feature_dim": int(perturbation_feature_dim)}
     fixed = sorted(set(overrides or {}) - FINETUNE_OVERRIDES)
     if fixed:
         raise ValueError(f"model.overrides {fixed} cannot change a base model (its sizes and weights are kept); "

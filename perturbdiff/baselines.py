@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["BASELINES", "TRAIN_BASELINES", "train_stats", "baseline_cells"]
+__all__ = ["BASELINES", "TRAIN_BASELINES", "train_stats", "additive_effect", "baseline_cells"]
 
 BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean")
 TRAIN_BASELINES = ("perturbation_mean", "additive_shift", "context_mean")  # need the training cells
@@ -31,6 +31,20 @@ def train_stats(X, pert: np.ndarray, ctx: np.ndarray) -> dict:
     counts = np.bincount(codes, minlength=len(uniques))
     return {"sums": {tuple(k): sums[i] for i, k in enumerate(uniques)},
             "counts": {tuple(k): int(counts[i]) for i, k in enumerate(uniques)}}
+
+
+def additive_effect(train: dict, perturbation, control_label, exclude_context=None) -> np.ndarray | None:
+    """The additive shift's effect of ``perturbation``: over the contexts c (except ``exclude_context``)
+    where it and the controls both have training cells, the mean of (mean of its cells in c − mean of
+    the controls of c); ``None`` where there is no such context.
+
+    ``train`` is `train_stats`' format: sums [G] and counts keyed by (perturbation, context). The
+    model's additive pathway (`perturbdiff.data.CellSetDataset.perturbation_effects`) uses this rule too.
+    """
+    sums, counts = train["sums"], train["counts"]
+    effects = [sums[k] / counts[k] - sums[(control_label, k[1])] / counts[(control_label, k[1])]
+               for k in sums if k[0] == perturbation and k[1] != exclude_context and (control_label, k[1]) in sums]
+    return np.mean(effects, axis=0) if effects else None
 
 
 def baseline_cells(name: str, conditions, controls: dict, train: dict | None, control_label: str) -> tuple[dict, dict]:
@@ -55,10 +69,7 @@ def baseline_cells(name: str, conditions, controls: dict, train: dict | None, co
                 mu = sum(tr["sums"][k] for k in keys) / sum(tr["counts"][k] for k in keys)
                 shift = mu - ctrl_mean
         elif name == "additive_shift":
-            effects = [tr["sums"][k] / tr["counts"][k] - tr["sums"][(control_label, k[1])] / tr["counts"][(control_label, k[1])]
-                       for k in tr["sums"] if k[0] == p and k[1] != c and (control_label, k[1]) in tr["sums"]]
-            if effects:
-                shift = np.mean(effects, axis=0)
+            shift = additive_effect(tr, p, control_label, exclude_context=c)
         elif name == "context_mean":
             keys = [k for k in tr["sums"] if k[1] == c and k[0] != control_label]
             if keys:

@@ -109,21 +109,26 @@ def _is_missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.strip() == "")
 
 
-def feature_table(features, dim: int) -> dict[str, np.ndarray]:
-    """Feature vectors by perturbation name (a mapping or a DataFrame indexed by name), each [dim] and finite."""
+def feature_table(features, dim: int, names) -> dict[str, np.ndarray]:
+    """Feature vectors [dim] of the perturbations ``names`` from a table (a mapping or a DataFrame
+    indexed by name), by `perturbdiff.features.compose`'s rule (``A+B``: the sum of its parts);
+    a name without features, a wrong width or a non-finite value is an error naming it."""
+    from .features import check_table, compose
+
     if isinstance(features, pd.DataFrame):
-        items = {str(k): row.to_numpy() for k, row in features.iterrows()}
+        table = features
     else:
-        items = {str(k): np.asarray(v) for k, v in features.items()}
-    out = {}
-    for name, v in items.items():
-        v = np.asarray(v, dtype=np.float32).ravel()
-        if v.shape != (dim,):
-            raise ValueError(f"perturbation features for {name!r} have {v.size} values, the model takes {dim}")
-        if not np.isfinite(v).all():
-            raise ValueError(f"perturbation features for {name!r} are not finite")
-        out[name] = v
-    return out
+        items = {str(k): np.asarray(v, dtype=np.float32).ravel() for k, v in features.items()}
+        widths = {k: v.size for k, v in items.items() if v.size != dim}
+        if widths:
+            name, size = next(iter(widths.items()))
+            raise ValueError(f"perturbation features for {name!r} have {size} values, the model takes {dim}")
+        table = pd.DataFrame(np.stack(list(items.values())) if items else np.zeros((0, dim)), index=list(items))
+    table = check_table(table, "the perturbation features")
+    if table.shape[1] != dim:
+        raise ValueError(f"the perturbation features have {table.shape[1]} values per perturbation, the model takes {dim}")
+    rows = compose(names, table, what="the perturbation features")
+    return {name: rows.loc[name].to_numpy(np.float32) for name in rows.index}
 
 
 def condition_rngs(seed: int, condition: tuple) -> tuple[np.random.Generator, torch.Generator]:

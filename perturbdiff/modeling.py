@@ -80,6 +80,8 @@ class CovariateEmbedder(nn.Module):
 
     Classifier-free guidance lives here: ``drop`` [B] (True = unconditional) replaces every
     covariate of that set by its null embedding (id 0) and removes the dose and feature terms.
+    With perturbation features, a perturbation is known by its features alone (its id's row is
+    not used): one the model never saw is then embedded the way the seen ones were.
     """
 
     def __init__(self, config: PerturbDiffConfig):
@@ -94,6 +96,8 @@ class CovariateEmbedder(nn.Module):
     def forward(self, perturbation, context, batch, dose=None, features=None, drop=None) -> torch.Tensor:
         keep = None if drop is None else ~drop  # [B]
         emb = 0
+        if features is not None:  # known by its features: every set gets the null row (a constant)
+            perturbation = torch.full_like(perturbation, NULL_ID)
         for table, ids in ((self.perturbation, perturbation), (self.context, context), (self.batch, batch)):
             emb = emb + table(null_dropped(ids, drop))  # [B, d]
         extras = []
@@ -214,8 +218,6 @@ class PerturbDiffPreTrainedModel(PreTrainedModel):
                 init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding) and getattr(module, "zero_init", False):
-            init.zeros_(module.weight)  # the additive pathway starts at "no change"
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.RMSNorm) and module.weight is not None:
@@ -247,13 +249,24 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             [JointBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.num_layers)]
         )
         self.final_layer = FinalLayer(d, G, config.output_activation, config.control_residual)
-        # the additive pathway: one shift per perturbation id (row 0, the null id, stays zero),
-        # stored divided by the head's gain so that Adam moves it O(1) within a short run
-        self.perturbation_shift = (nn.Embedding(config.num_ids("perturbation"), G, padding_idx=NULL_ID)
-                                   if config.perturbation_shift else None)
-        if self.perturbation_shift is not None:
-            self.perturbation_shift.zero_init = True
+        # the additive pathway: each perturbation id's mean effect over its training contexts [P, G],
+        # measured from the training cells by the trainer (`set_perturbation_effects`), not learned;
+        # row 0 (the null id) stays zero
+        self.register_buffer("perturbation_effect", torch.zeros(config.num_ids("perturbation"), G)
+                             if config.perturbation_shift else None)
         self.post_init()
+
+    @torch.no_grad()
+    def set_perturbation_effects(self, effects) -> None:
+        """Fill the additive pathway: ``effects`` [perturbation ids, G], row 0 (null) zero."""
+        if self.perturbation_effect is None:
+            raise ValueError("set_perturbation_effects needs a model built with perturbation_shift=True")
+        effects = torch.as_tensor(effects, dtype=self.perturbation_effect.dtype)
+        if effects.shape != self.perturbation_effect.shape:
+            raise ValueError(f"perturbation effects must be {tuple(self.perturbation_effect.shape)}, got {tuple(effects.shape)}")
+        if not torch.isfinite(effects).all() or effects[NULL_ID].abs().sum() > 0:
+            raise ValueError("perturbation effects must be finite, with a zero row for the null perturbation")
+        self.perturbation_effect.copy_(effects)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -315,9 +328,9 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             x = x + self.pair_embed(control)  # [B, m, d]: each token reads its own control cell
         c = self.c_embed(control) if control is not None else None  # [B, m, d] or None
         shift = None
-        if control is not None and self.perturbation_shift is not None:
+        if control is not None and self.perturbation_effect is not None:
             pid = null_dropped(ids[0], drop_covariates)
-            shift = FinalLayer.GATE_GAIN * self.perturbation_shift(pid).unsqueeze(1)  # [B, 1, G]
+            shift = self.perturbation_effect[pid].unsqueeze(1).to(x_t.dtype)  # [B, 1, G]
         residual = None
         if control is not None and self.config.control_residual:
             # each cell's own control cell [B, m, G] (paired_control), else the set's mean [B, 1, G]

@@ -251,6 +251,8 @@ class PerturbDiffPipeline:
             "num_missing_genes": int(info["missing_genes"]), "num_dropped_empty_cells": int(info["dropped"]),
             "num_clipped_values": num_clipped,
             "integer_counts": decode,
+            # perturbations the model never saw, predicted from their features alone
+            "unseen_perturbations": sorted({str(p) for p in conds["perturbation"]} - set(cfg.perturbation_names)),
             "conditions": conditions_table,
         }}
         X = np.concatenate(blocks).astype(np.float32, copy=False)
@@ -304,20 +306,20 @@ class PerturbDiffPipeline:
         F = cfg.perturbation_feature_dim
         if features is not None and not F:
             raise ValueError("perturbation features given but the model takes none (perturbation_feature_dim = 0)")
-        feats = feature_table(features, F) if features is not None else {}
+        names = list(dict.fromkeys(conds["perturbation"]))
+        if F and features is None:
+            raise ValueError(f"the model knows perturbations by their features (perturbation_feature_dim = {F}): give "
+                             "the feature table (--perturbation-features; the one it was trained with) for "
+                             f"{names[:10]}")
+        feats = feature_table(features, F, names) if F else {}  # every name needs features (or a name error)
         known = set(cfg.perturbation_names)
-        unknown = sorted({p for p in conds["perturbation"] if p not in known and p not in feats})
+        unknown = sorted({p for p in names if p not in known and p not in feats})
         if unknown:
             shown = ", ".join(cfg.perturbation_names[:20]) + (" ..." if len(known) > 20 else "")
             raise ValueError(
                 f"unknown perturbation(s) {unknown[:10]} and no features for them "
                 f"(the model knows {len(known)}: {shown})"
             )
-        if F:
-            unfeatured = sorted({p for p in conds["perturbation"] if p not in feats})
-            if unfeatured:
-                warnings.warn(f"the model uses perturbation features but none were given for {unfeatured[:10]}; "
-                              "predicting them without the feature term", stacklevel=3)
         pert_ids = torch.tensor([int(cfg.encode("perturbation", [p])[0]) if p in known else NULL_ID
                                  for p in conds["perturbation"]], dtype=torch.long)
         ids = {

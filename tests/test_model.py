@@ -57,9 +57,14 @@ def test_unpaired_model_is_equivariant_to_cell_order_and_invariant_to_control_or
 def test_conditioning_changes_the_output(tiny_model, tiny_config):
     inputs = make_inputs(tiny_config)
     out = tiny_model(**inputs)
-    for key, other in [("perturbation", (inputs["perturbation"] + 1) % 4), ("control", inputs["control"] * 2),
-                       ("dose", inputs["dose"] + 5), ("perturbation_features", -inputs["perturbation_features"])]:
+    for key, other in [("control", inputs["control"] * 2), ("dose", inputs["dose"] + 5),
+                       ("perturbation_features", -inputs["perturbation_features"])]:
         assert not torch.allclose(tiny_model(**dict(inputs, **{key: other})), out), key
+    # with features a perturbation is known by them alone: its id (null for one never seen) does not matter
+    other_ids = dict(inputs, perturbation=(inputs["perturbation"] + 1) % 4)
+    torch.testing.assert_close(tiny_model(**other_ids), out)
+    without = dict(inputs, perturbation_features=None)
+    assert not torch.allclose(tiny_model(**dict(without, perturbation=other_ids["perturbation"])), tiny_model(**without))
 
 
 def test_masks_match_their_explicit_forms(tiny_model, tiny_config):
@@ -191,23 +196,29 @@ def test_paired_control_adds_each_cells_own_control_cell(tiny_model, tiny_config
 def test_the_additive_pathway_adds_one_shift_per_perturbation_and_none_for_null_or_dropped(tiny_config):
     config = pdiff.PerturbDiffConfig(**{**tiny_config.to_dict(), "perturbation_shift": True, "output_activation": "none"})
     model = pdiff.PerturbDiffModel(config).eval()
-    assert model.perturbation_shift.weight.abs().sum() == 0  # starts at "no change"
+    assert model.perturbation_effect.abs().sum() == 0  # filled by the trainer from the training cells
+    assert "perturbation_effect" in model.state_dict()  # saved with the weights, not learned
+    assert "perturbation_effect" not in dict(model.named_parameters())
     inputs = make_inputs(config, B=3)
     inputs["perturbation"] = torch.tensor([0, 2, 3])  # null, IFNB, TNF
     before = model(**inputs)
-    with torch.no_grad():
-        model.perturbation_shift.weight[1:] = torch.randn(3, config.num_genes)
+    effects = torch.zeros(config.num_ids("perturbation"), config.num_genes)
+    effects[1:] = torch.randn(3, config.num_genes)
+    model.set_perturbation_effects(effects)
     after = model(**inputs)
-    gain = model.final_layer.GATE_GAIN
-    torch.testing.assert_close(after - before, gain * model.perturbation_shift.weight[[0, 2, 3]][:, None].expand_as(before))
+    torch.testing.assert_close(after - before, effects[[0, 2, 3]][:, None].expand_as(before))
     assert torch.equal(after[0], before[0])  # the null perturbation has no shift
     dropped = model(**inputs, drop_covariates=torch.tensor([False, True, False]))
     torch.testing.assert_close(dropped[1], model(**{**inputs, "perturbation": torch.tensor([0, 0, 0])},
                                                  drop_covariates=torch.tensor([False, True, False]))[1])
     no_control = {k: v for k, v in inputs.items() if k != "control"}
-    with torch.no_grad():
-        model.perturbation_shift.weight.zero_()
-    plain = model(**no_control)
-    with torch.no_grad():
-        model.perturbation_shift.weight[1:] = 1.0
-    torch.testing.assert_close(model(**no_control), plain)  # a change from a control set only: none without one
+    with_effects = model(**no_control)
+    model.set_perturbation_effects(torch.zeros_like(effects))
+    torch.testing.assert_close(model(**no_control), with_effects)  # a change from a control set only
+    bad = effects.clone()
+    bad[0] = 1.0
+    for wrong, match in ((effects[:, :-1], "must be"), (bad, "null"), (effects * float("nan"), "finite")):
+        with pytest.raises(ValueError, match=match):
+            model.set_perturbation_effects(wrong)
+    with pytest.raises(ValueError, match="perturbation_shift=True"):
+        pdiff.PerturbDiffModel(tiny_config).set_perturbation_effects(effects)

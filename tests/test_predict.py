@@ -342,3 +342,36 @@ def test_cli_predict_error(model_dir, tmp_path, capsys):
     assert code == 2
     assert "perturbdiff predict: error: unknown perturbation(s) ['KRAS']" in capsys.readouterr().err
     assert not (tmp_path / "p.h5ad").exists()
+
+
+def test_a_feature_model_predicts_unseen_perturbations_from_their_features(tmp_path):
+    config = pdiff.PerturbDiffConfig.from_preset(
+        "debug", gene_names=GENES, perturbation_names=["control", "IFNB", "TNF"],
+        context_names=["T cell", "monocyte"], batch_names=["donor1", "donor2"], perturbation_feature_dim=3,
+    )
+    torch.manual_seed(0)
+    model = pdiff.PerturbDiffModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "model")
+    pipe = PerturbDiffPipeline.from_pretrained(tmp_path / "model", device="cpu")
+    control = make_control()
+    table = pd.DataFrame([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 3.0]], index=["IFNB", "TNF", "KRAS"])
+    out = predict(pipe, control, perturbation=["KRAS", "IFNB+TNF", "IFNB"], context="T cell", batch="donor1",
+                  perturbation_features=table, seed=1)
+    assert out.uns["perturbdiff"]["unseen_perturbations"] == ["IFNB+TNF", "KRAS"]  # said, not silent
+    # a combination is its parts' sum: the same cells as a perturbation whose row is that sum
+    summed = pd.DataFrame([[1.0, 1.0, 0]], index=["IFNB+TNF"])
+    again = predict(pipe, control, perturbation="IFNB+TNF", context="T cell", batch="donor1",
+                    perturbation_features=summed, seed=1)
+    np.testing.assert_allclose(out[out.obs["perturbation"] == "IFNB+TNF"].X, again.X, rtol=1e-5, atol=1e-5)
+    kras, ifnb = (out[out.obs["perturbation"] == p].X for p in ("KRAS", "IFNB"))
+    assert not np.allclose(kras, ifnb)
+    with pytest.raises(ValueError, match=r"knows perturbations by their features .*--perturbation-features"):
+        predict(pipe, control, perturbation="IFNB", context="T cell")
+    with pytest.raises(ValueError, match=r"have no features in the perturbation features: MYC, KRAS\+MYC \(no MYC\)"):
+        predict(pipe, control, perturbation=["MYC", "KRAS+MYC"], context="T cell", perturbation_features=table)
+    with pytest.raises(ValueError, match=r"have 2 values per perturbation, the model takes 3"):
+        predict(pipe, control, perturbation="IFNB", context="T cell", perturbation_features=table.iloc[:, :2])

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModel
@@ -200,10 +202,12 @@ def test_finetune_from_a_pretrained_export_on_an_h5ad_screen(env, tmp_path):
     out = tmp_path / "ft"
     cmd = [sys.executable, str(FINETUNE), "--config", str(FT_TINY), "--output-dir", str(out), "--base", str(base / "model"),
            "--screen", str(h5ad), "--perturbation-key", "drug", "--control-label", "DMSO", "--context-key", "line",
-           "--batch-key", "plate", "--heldout-contexts", "A549", "--heldout-perturbations", "PERT1"]
+           "--batch-key", "plate", "model.overrides.perturbation_shift=true",
+           "--heldout-contexts", "A549", "--heldout-perturbations", "PERT1"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "conditional training" in proc.stdout and "genes 200 kept" in proc.stdout
+    assert "additive pathway: the mean effect of 3 perturbation(s)" in proc.stdout
     assert (out / "atlases" / "screen.zarr").exists()
     base_model = pdiff.PerturbDiffModel.from_pretrained(base / "model")
     model = pdiff.PerturbDiffModel.from_pretrained(out / "model")
@@ -212,6 +216,10 @@ def test_finetune_from_a_pretrained_export_on_an_h5ad_screen(env, tmp_path):
     assert len(c.gene_names) > 200  # the screen's own genes were added
     assert c.context_names[: len(base_model.config.context_names)] == base_model.config.context_names
     assert "A549" in c.context_names and "DMSO" in c.perturbation_names and "PERT1" in c.perturbation_names
+    # the additive pathway was measured on the screen's training cells and exported with the weights
+    effect = model.perturbation_effect
+    assert effect[c.encode("perturbation", ["PERT1"])[0]].abs().sum() > 0  # trained in another line
+    assert (effect[c.encode("perturbation", ["DMSO"])[0]] == 0).all() and (effect[0] == 0).all()
     card = (out / "model" / "README.md").read_text()
     assert "objective: conditional" in card and "base model: pre/model" in card and "screen.h5ad" in card
     ctrl = torch.rand(2, 8, c.num_genes)
@@ -224,3 +232,36 @@ def test_finetune_from_a_pretrained_export_on_an_h5ad_screen(env, tmp_path):
            "--base", str(base / "model"), "--screen", str(h5ad), "--perturbation-key", "compound"]
     proc = subprocess.run(bad, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "compound" in proc.stderr and "drug" in proc.stderr
+
+
+def test_finetune_with_perturbation_features_predicts_a_perturbation_never_trained(env, tmp_path):
+    from perturbdiff.data import make_synthetic_adata
+    from perturbdiff.features import write_table
+    from perturbdiff.pipeline import PerturbDiffPipeline
+
+    screen = make_synthetic_adata(num_cells=900, num_genes=30, num_contexts=2, num_perturbations=3, seed=2)
+    h5ad = tmp_path / "screen.h5ad"
+    screen.write_h5ad(h5ad)
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(4, 6)), index=["PERT0", "PERT1", "PERT2", "NEWP"])
+    write_table(table, tmp_path / "features.csv")
+    write_table(table.drop(index="PERT2"), tmp_path / "partial.csv")
+    base = [sys.executable, str(FINETUNE), "--config", str(FT_TINY), "--screen", str(h5ad), "--context-key", "cell_type"]
+    held = ["--heldout-contexts", "celltype0", "celltype1", "--heldout-perturbations", "PERT1"]  # PERT1 entirely
+    proc = subprocess.run([*base, "--output-dir", str(tmp_path / "bad"), "--perturbation-features", str(tmp_path / "partial.csv"), *held],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "1 perturbation(s) have no features in data.perturbation_features" in proc.stderr
+    assert "PERT2" in proc.stderr and not (tmp_path / "bad" / "model").exists()
+    out = tmp_path / "ft"
+    proc = subprocess.run([*base, "--output-dir", str(out), "--perturbation-features", str(tmp_path / "features.csv"), *held],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "perturbation features: 6 per perturbation for 3 perturbation(s)" in proc.stdout
+    assert "features.csv" in (out / "model" / "README.md").read_text()
+    pipe = PerturbDiffPipeline.from_pretrained(out / "model")
+    assert pipe.config.perturbation_feature_dim == 6
+    control = screen[screen.obs["perturbation"] == "control"].copy()
+    pred = pipe.predict(control, perturbation=["PERT1", "NEWP"], context="celltype0", perturbation_features=table,
+                        context_key="cell_type", num_steps=2, progress=False)
+    assert pred.uns["perturbdiff"]["unseen_perturbations"] == ["NEWP"]
+    assert np.isfinite(pred.X).all() and set(pred.obs["perturbation"]) == {"PERT1", "NEWP"}

@@ -96,6 +96,9 @@ class CellSetDataset(IterableDataset):
             ``indices``, ``values`` tensors and the dense ``shape``) instead of dense tensors; `densify`
             turns them dense on the training device. At ~20% non-zeros this skips the loader's
             largest cost (writing [B, m, G] float32) and moves ~2.5x fewer bytes to the GPU.
+        perturbation_features: float [perturbation ids, F] (row i: the features of perturbation id
+            i, `perturbdiff.features`), conditional mode only: batches then carry
+            ``perturbation_features`` float32 [B, F].
 
     Batches are dicts of tensors: ``x0`` float32 [B, m, G] (normalised target set), ``control`` float32
     [B, m, G] (conditional mode only), ``perturbation``, ``context``, ``batch`` int64 [B] (ids, 0 =
@@ -126,6 +129,7 @@ class CellSetDataset(IterableDataset):
         sets_per_epoch: int | None = None,
         return_set_ids: bool = False,
         sparse: bool = False,
+        perturbation_features: np.ndarray | None = None,
     ):
         super().__init__()
         if mode not in _MODES:
@@ -147,6 +151,10 @@ class CellSetDataset(IterableDataset):
         if pair_controls and mode != "conditional":
             raise ValueError("pair_controls needs mode='conditional' (marginal sets have no control set)")
         self.pair_controls = bool(pair_controls)
+        if perturbation_features is not None and mode != "conditional":
+            raise ValueError("perturbation_features need mode='conditional' (marginal sets have no perturbation)")
+        self.perturbation_features = (None if perturbation_features is None
+                                      else np.asarray(perturbation_features, dtype=np.float32))
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.drop_last = drop_last
         self.return_set_ids = return_set_ids
@@ -160,6 +168,10 @@ class CellSetDataset(IterableDataset):
         self.context_names = list(vocab["context"] if context_names is None else context_names)
         self.batch_names = list(vocab["batch"] if batch_names is None else batch_names)
         self.num_genes = len(self.gene_names)
+        feats = self.perturbation_features
+        if feats is not None and (feats.ndim != 2 or len(feats) != len(self.perturbation_names) + 1):
+            raise ValueError(f"perturbation_features must be [{len(self.perturbation_names) + 1} perturbation ids, F], "
+                             f"got shape {feats.shape}")
         if len(set(self.gene_names)) != len(self.gene_names):
             raise ValueError("gene_names has duplicates")
         self.gene_presence = np.zeros((len(self.sources), self.num_genes), dtype=bool)
@@ -404,6 +416,45 @@ class CellSetDataset(IterableDataset):
         csr = parts[0] if len(parts) == 1 else concat_csr(parts)
         return csr if take is None else take_rows(*csr, take)
 
+    def perturbation_effects(self, max_cells: int = 2048) -> tuple[np.ndarray, int]:
+        """Each perturbation's additive effect over this split's groups, in the loader's space.
+
+        The additive-shift baseline's rule (`perturbdiff.baselines.additive_effect`): over the
+        (dataset, context)s where a perturbation has cells in this split, the mean of (its mean
+        there − the mean of that context's control pool). Each group contributes its first
+        ``max_cells`` rows (the builder shuffles cells within groups: a random subset). Only the
+        split's groups are read, so a held-out group never enters. Conditional mode only.
+
+        Returns:
+            effects float32 [perturbation ids, G] (row 0, the null id, and perturbations without a
+            training context stay zero), and the number of cells read.
+        """
+        if self.mode != "conditional":
+            raise ValueError("perturbation_effects needs mode='conditional'")
+        from ..baselines import additive_effect
+
+        G, control = self.num_genes, "control"  # controls are keyed apart from every perturbation id
+        sums, counts, read = {}, {}, 0
+        for src in self.sources:
+            g = src.groups
+            controls = {int(c) for candidates, _ in src.controls.values() for c in candidates}
+            for gid in [*src.controls, *sorted(controls)]:
+                n = int(min(src.size[gid], max_cells))
+                start = int(src.start[gid])
+                indptr, cols, values = self._normalise([(src.atlas.read_rows(start, start + n), src)])
+                key = (control if gid in controls else int(src.ids["perturbation"][gid]),
+                       (src.index, g["dataset"].iat[gid], g["context"].iat[gid]))
+                sums[key] = sums.get(key, 0) + np.bincount(cols, weights=values, minlength=G)
+                counts[key] = counts.get(key, 0) + n
+                read += n
+        effects = np.zeros((len(self.perturbation_names) + 1, G), dtype=np.float32)
+        train = {"sums": sums, "counts": counts}
+        for pid in {k[0] for k in sums if k[0] != control}:
+            effect = additive_effect(train, pid, control)
+            if effect is not None and pid != NULL_ID:
+                effects[pid] = effect
+        return effects, read
+
     def batch_rows(self, index: int, epoch: int | None = None) -> list[dict]:
         """The atlas rows of the cells of this rank's batch ``index`` (for inspection and benchmarks).
 
@@ -459,6 +510,8 @@ class CellSetDataset(IterableDataset):
         for key in ("perturbation", "context", "batch"):
             batch[key] = torch.tensor([src.ids[key][g] for src, g in meta], dtype=torch.int64)
         batch["dose"] = torch.tensor([src.dose[g] for src, g in meta], dtype=torch.float32)
+        if self.perturbation_features is not None:
+            batch["perturbation_features"] = torch.from_numpy(self.perturbation_features[batch["perturbation"].numpy()])
         batch["group"] = torch.tensor([src.group_offset + g for src, g in meta], dtype=torch.int64)
         if self.return_set_ids:
             batch["set_id"] = torch.from_numpy(items[:, 4].copy())

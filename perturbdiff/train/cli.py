@@ -47,6 +47,8 @@ def build_arg_parser(description: str, default_config: str | os.PathLike, *, fin
         g.add_argument("--base", help="a pretrained export (from_pretrained folder) to start from")
         g.add_argument("--screen", nargs="+", help="the screen: atlas(es) or .h5ad file(s) (same as --atlas)")
         g.add_argument("--new-genes", choices=["add", "drop"], help="screen genes the base lacks: add rows or drop them")
+        g.add_argument("--perturbation-features", help="a perturbation feature table (perturbdiff features): the model "
+                       "knows perturbations by their features and can predict ones it never saw")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
@@ -61,6 +63,7 @@ def config_from_args(args) -> TrainConfig:
         "train.max_steps": args.max_steps, "deepspeed": args.deepspeed, "train.seed": args.seed,
         "model.preset": args.preset, "push_to_hub": args.push_to_hub, "resume": args.resume or None, "overwrite": args.overwrite or None,
         "model.base": get("base"), "model.new_genes": get("new_genes"), "data.split_file": get("split_file"),
+        "data.perturbation_features": get("perturbation_features"),
         "data.heldout_contexts": get("heldout_contexts"), "data.heldout_perturbations": get("heldout_perturbations"),
     }
     extra = {k: v for k, v in flags.items() if v is not None}

@@ -38,6 +38,9 @@ class DataSection:
     heldout_contexts: list = field(default_factory=list)
     heldout_perturbations: list = field(default_factory=list)
     split_file: str | None = None
+    # a perturbation feature table (`perturbdiff features`; conditional training): the model then
+    # knows a perturbation by its features, so it can predict one it never saw
+    perturbation_features: str | None = None
     val_fraction: float = 0.05  # training (context, perturbation) pairs held out for the validation loss
     val_batches: int = 4  # micro-batches per process per validation
     # .h5ad inputs in `atlas` are built into OUTPUT/atlases/<name>.zarr first, with these
@@ -177,7 +180,7 @@ def config_differences(saved: dict, cfg: "TrainConfig") -> list[str]:
 
 # keys that take one of several types, and keys whose default is None (unset) with the type they take
 _EITHER = {"data.sparse_batches": (bool, str), "data.genes": (int, str)}
-_OPTIONAL = {"data.weights": (list, tuple), "data.split_file": str, "model.base": str, "deepspeed": str,
+_OPTIONAL = {"data.weights": (list, tuple), "data.split_file": str, "data.perturbation_features": str, "model.base": str, "deepspeed": str,
              "push_to_hub": str, "train.tracker": str}
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..configuration import PerturbDiffConfig
@@ -117,6 +118,12 @@ class Trainer:
         else:
             model = PerturbDiffModel(PerturbDiffConfig.from_preset(cfg.model.preset, **{**data_vocab, **cfg.model.overrides}))
         self.train_data, self.val_data = self._build_loaders(atlases, model.config, data_vocab)
+        if model.config.perturbation_shift and self.cfg.train.objective == "conditional":
+            # the additive pathway: measured from this run's training cells (never a held-out group)
+            effects, cells = self.train_data.dataset.perturbation_effects()
+            model.set_perturbation_effects(effects)
+            self._print(f"additive pathway: the mean effect of {int((abs(effects).sum(1) > 0).sum())} perturbation(s) "
+                        f"over their training contexts, from {cells:,} cells")
         # what prediction needs to know of the training data travels in the export's config.json
         model.config.set_size = data.set_size
         labels = sorted({a.control_label for a in atlases if a.control_label})
@@ -174,13 +181,32 @@ class Trainer:
         else:
             genes, how = gene_vocabulary(atlases, genes=choice), f"the gene list {choice}"
         self._print(f"genes: {len(genes):,} of the data's {len({g for a in atlases for g in a.gene_names}):,}, {how}")
-        return {
+        out = {
             "gene_names": genes,
             # the marginal stage has no perturbation label: finetuning adds the vocabulary
             "perturbation_names": [] if self.cfg.train.objective == "marginal" else vocab["perturbation"],
             "context_names": vocab["context"],
             "batch_names": vocab["batch"],
         }
+        self.feature_table = None
+        if self.cfg.data.perturbation_features:
+            out["perturbation_feature_dim"] = self._read_features(atlases, vocab["perturbation"]).shape[1]
+        return out
+
+    def _read_features(self, atlases, names) -> "pd.DataFrame":
+        """``data.perturbation_features``: the rows of the data's perturbations (controls left out)."""
+        from ..features import compose, read_table
+
+        path = self.cfg.data.perturbation_features
+        if self.cfg.train.objective != "conditional":
+            raise ValueError("data.perturbation_features needs train.objective: conditional (marginal sets have "
+                             "no perturbation)")
+        controls = {a.control_label for a in atlases if a.control_label}
+        table = compose([n for n in names if n not in controls], read_table(path), what=f"data.perturbation_features {path}")
+        self.feature_table = table
+        self._print(f"perturbation features: {table.shape[1]} per perturbation for {len(table)} perturbation(s), "
+                    f"from {path}")
+        return table
 
     def _build_loaders(self, atlases, config: PerturbDiffConfig, data_vocab: dict):
         """Training and validation loaders for this rank, in the model's vocabularies."""
@@ -214,7 +240,8 @@ class Trainer:
                       context_names=config.context_names, batch_names=config.batch_names,
                       mode="conditional" if conditional else "marginal", held_out=spec, rank=self.rank,
                       world_size=self.world_size, sparse=self._sparse_batches(data.sparse_batches),
-                      pair_controls=conditional and config.paired_control)
+                      pair_controls=conditional and config.paired_control,
+                      perturbation_features=self._feature_matrix(config))
         train_set = CellSetDataset(atlases, split="train", seed=train.seed, drop_last=True, return_set_ids=True, **common)
         if len(train_set) == 0:
             raise ValueError(
@@ -230,6 +257,19 @@ class Trainer:
         self._print(f"data: {', '.join(map(str, paths))}: {train_set.num_sets} training sets per epoch "
                     f"({len(train_set)} batches per process)" + (f", {val_set.num_sets} validation sets" if val_set else ""))
         return train_set.loader(num_workers=data.num_workers), val_set
+
+    def _feature_matrix(self, config: PerturbDiffConfig):
+        """The feature table as [perturbation ids, F] in the model's vocabulary (zeros: null, controls)."""
+        if self.feature_table is None:
+            return None
+        if config.perturbation_feature_dim != self.feature_table.shape[1]:
+            raise ValueError(f"the model takes {config.perturbation_feature_dim} perturbation features, "
+                             f"data.perturbation_features has {self.feature_table.shape[1]}")
+        matrix = np.zeros((config.num_ids("perturbation"), self.feature_table.shape[1]), dtype=np.float32)
+        for i, name in enumerate(config.perturbation_names, start=1):
+            if name in self.feature_table.index:
+                matrix[i] = self.feature_table.loc[name].to_numpy()
+        return matrix
 
     def _sparse_batches(self, value) -> bool:
         return self.accelerator.device.type == "cuda" if value == "auto" else bool(value)
@@ -507,7 +547,10 @@ class Trainer:
         accelerator = self.accelerator
         path = Path(path)
         if self.ema is not None:
-            state = self.ema.state_dict()
+            unwrapped = accelerator.unwrap_model(self.model)
+            saved = unwrapped.state_dict().keys()  # persistent buffers (the additive pathway's effects) too
+            state = {**self.ema.state_dict(),
+                     **{n: b.detach().cpu() for n, b in unwrapped.named_buffers() if n in saved}}
         else:
             state = accelerator.get_state_dict(self.model)  # a collective under ZeRO-3: every rank calls it
         if accelerator.is_main_process:
