@@ -173,7 +173,7 @@ def _conditions(real, bench) -> pd.DataFrame:
                          "context": pairs[bench.context_key].to_numpy()}).sort_values(["context", "perturbation"])
 
 
-def _predict(args, bench, model_dir: Path, control, conditions: pd.DataFrame):
+def _predict(args, bench, model_dir: Path, control, conditions: pd.DataFrame, features=None):
     from perturbdiff.pipeline import PerturbDiffPipeline
 
     pipe = PerturbDiffPipeline.from_pretrained(model_dir)
@@ -188,7 +188,7 @@ def _predict(args, bench, model_dir: Path, control, conditions: pd.DataFrame):
     pred = pipe.predict(control, conds, perturbation_key=bench.perturbation_key, context_key=bench.context_key,
                         batch_key="batch", control_label=bench.control_label, set_size=args.set_size,
                         num_populations=args.num_populations, num_steps=args.sample_steps,
-                        guidance_scale=args.guidance_scale, seed=args.seed, progress=False)
+                        guidance_scale=args.guidance_scale, seed=args.seed, progress=False, perturbation_features=features)
     return pred, time.time() - t0
 
 

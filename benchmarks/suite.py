@@ -19,6 +19,13 @@ Datasets (a dataset whose file is absent is skipped, saying so):
 | kang_small | kang with the training cells subsampled to 1,500 | cell type | as kang |
 | glioblastoma | `../shared/data/glioblastoma_panobinostat.h5ad` | patient | each patient ∩ panobinostat |
 | perturbench | `../shared/data/perturbench_devel.h5ad` (glioma lines) | cell line | one line ∩ three kinases, three folds |
+| norman_singles | the same file's Norman 2019 K562 CRISPRa singles | K562 | a third of the 17 singles, held out entirely |
+| norman_doubles | the same, singles and doubles | K562 | doubles whose two singles are trained (3 + 2) |
+
+The Norman datasets are run once per perturbation feature source (``--features``: ``go``, the GO
+table of `perturbdiff.features` from Bioconductor's org.Hs.eg.sqlite at ``PERTURBDIFF_GO_ANNOTATIONS``;
+``none``, the floor), each its own scoreboard row (``norman_singles[go]``); their baselines add the
+nearest training perturbation in feature space and, for doubles, the additive combination of singles.
 
 Each (dataset, fold, seed) run: build the dataset's atlas (once per dataset), train, predict every
 held-out condition from its context's control cells, and score with `perturbdiff.evaluation.evaluate`
@@ -51,6 +58,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _holdout import REPO, _conditions, _json_safe, _predict, _run  # noqa: E402
 
+from perturbdiff.baselines import BASELINES  # noqa: E402
+
 DEFAULT_CONFIG = REPO / "finetune" / "configs" / "default.yaml"
 SHARED_DATA = Path(os.environ.get("PERTURBDIFF_SHARED_DATA", REPO.parent / "shared" / "data"))
 # The scoreboard's metrics (evaluate's names), and which way is better.
@@ -59,8 +68,11 @@ METRICS = {"pearson_delta": "max", "overlap_at_N": "max", "discrimination_score_
 REALISM = ("zero_fraction_gap", "total_ratio", "above_real_max", "de_nsig_counts_pred", "de_nsig_counts_real")
 # What the default must beat on the target metrics (issue 14).
 TARGETS = ("pearson_delta", "energy_distance")
-BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean")
 CEILING = "split_half"
+# Feature sources for datasets of genetic perturbations, side by side; "none" is the floor.
+FEATURE_SOURCES = ("go", "none")
+GO_ANNOTATIONS = Path(os.environ.get("PERTURBDIFF_GO_ANNOTATIONS",
+                                     Path.home() / ".cache" / "perturbdiff" / "go" / "org.Hs.eg.sqlite"))
 
 
 # --------------------------------------------------------------------------- datasets
@@ -77,6 +89,7 @@ class Dataset:
     dataset_key: str | None = None
     dataset_name: str | None = None
     max_train_cells: int | None = None  # subsample every cell but the held-out ones to this many
+    features: bool = False  # genetic perturbations: run once per feature source (FEATURE_SOURCES)
     missing: str = ""
     notes: str = ""
 
@@ -118,6 +131,23 @@ def _perturbench():
     return adata
 
 
+def _norman(doubles: bool):
+    """PerturBench devel's Norman 2019 part (CRISPRa in K562); without ``doubles`` only the singles."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from perturbdiff.expression import log1p_to_counts
+
+    adata = ad.read_h5ad(SHARED_DATA / "perturbench_devel.h5ad")
+    adata = adata[adata.obs["dataset"].astype(str) == "norman19"].copy()
+    adata.obs = adata.obs[["perturbation", "cell_type"]].astype(str)
+    names = adata.obs["perturbation"]
+    keep = (names == "control") | names.isin(_NORMAN_SINGLES) | (doubles & names.str.contains("+", regex=False))
+    adata = adata[keep.to_numpy()].copy()
+    adata.X, _ = log1p_to_counts(sp.csr_matrix(adata.X))
+    return adata
+
+
 def _glioblastoma():
     import anndata as ad
 
@@ -129,6 +159,13 @@ def _glioblastoma():
 _KANG_FOLDS = [(["B", "CD14 Mono", "NK"], ["stim"]), (["CD14 Mono", "DC"], ["stim"]), (["T", "B", "CD16 Mono"], ["stim"])]
 _KINASES = ["SGK1", "MAP3K21", "MAP4K3", "MAPK1", "MAP2K3", "TGFBR2", "MAP4K5", "MAP2K6", "PLK4"]
 _PATIENTS = ["PW030", "PW032", "PW034", "PW036", "PW040"]
+# Norman 2019 singles (the 18 of PerturBench devel), held out entirely, a third per fold; and the
+# doubles whose two parts are singles of the screen, held out with the singles all trained.
+# IER5L is left out: org.Hs.eg.db 3.16 has no GO annotation for it, and every source must score the
+# same perturbations.
+_NORMAN_SINGLES = ["FOXO4", "HK2", "KLF1", "KMT2A", "MAP2K3", "MAP2K6", "MAP3K21", "MAP4K3", "MAP4K5",
+                   "MAPK1", "MIDN", "NIT1", "PLK4", "SGK1", "SLC38A2", "TGFBR2", "TMSB4X"]
+_NORMAN_SEEN_DOUBLES = ["KLF1+MAP2K6", "KLF1+TGFBR2", "MAP2K3+MAP2K6", "MAP2K3+SLC38A2", "MAPK1+TGFBR2"]
 
 
 def datasets() -> dict[str, Dataset]:
@@ -148,6 +185,14 @@ def datasets() -> dict[str, Dataset]:
         Dataset("perturbench", _perturbench, "perturbation", "control", "cell_type", dataset_name="mcfaline23",
                 folds=[(["A172"], _KINASES[0:3]), (["T98G"], _KINASES[3:6]), (["U87MG"], _KINASES[6:9])],
                 missing=shared("perturbench_devel.h5ad"), notes="500 genes; CRISPRi in three glioma lines"),
+        Dataset("norman_singles", lambda: _norman(False), "perturbation", "control", "cell_type", dataset_name="norman19",
+                folds=[(["k562"], _NORMAN_SINGLES[k::3]) for k in range(3)], features=True,
+                missing=shared("perturbench_devel.h5ad"),
+                notes="500 genes; CRISPRa singles in K562, a third of them held out entirely per fold"),
+        Dataset("norman_doubles", lambda: _norman(True), "perturbation", "control", "cell_type", dataset_name="norman19",
+                folds=[(["k562"], _NORMAN_SEEN_DOUBLES[0:3]), (["k562"], _NORMAN_SEEN_DOUBLES[3:5])], features=True,
+                missing=shared("perturbench_devel.h5ad"),
+                notes="500 genes; double perturbations whose two singles are trained"),
         Dataset("synthetic", lambda: _synthetic(), "perturbation", "control", "cell_type", dataset_name="synthetic",
                 folds=[(["celltype0"], ["PERT0", "PERT1"])], notes="the built-in synthetic screen (smoke runs)"),
     ]}
@@ -230,13 +275,33 @@ def _ceiling(parts, ds: Dataset, seed: int) -> dict:
     return _scores(ev.aggregate)[CEILING]
 
 
-def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path) -> dict:
-    """Train, predict and score one (dataset, fold, seed); returns the run's result dict."""
+def _variant_name(ds: Dataset, source: str | None) -> str:
+    return ds.name if source is None else f"{ds.name}[{source}]"
+
+
+def _features(ds: Dataset, screen, source: str | None, path: Path):
+    """The perturbation feature table of a dataset for one source (written to ``path``), or None."""
+    if source in (None, "none"):
+        return None
+    from perturbdiff.features import compose, go_features, read_table, write_table
+
+    if not path.exists():
+        names = sorted(set(screen.obs[ds.perturbation_key].astype(str)) - {ds.control_label})
+        if source != "go":
+            raise ValueError(f"unknown feature source {source!r}; choose from {FEATURE_SOURCES}")
+        write_table(compose(names, go_features(GO_ANNOTATIONS), what=f"GO annotations {GO_ANNOTATIONS}"), path)
+    return read_table(path)
+
+
+def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, source: str | None = None) -> dict:
+    """Train, predict and score one (dataset, feature source, fold, seed); returns the run's result dict."""
     from perturbdiff.evaluation import evaluate
     from perturbdiff.files import atomic_json
 
     fold = ds.folds[fold_index]
-    run_dir = out / ds.name / f"fold{fold_index}" / f"seed{seed}"
+    name = _variant_name(ds, source)
+    features = _features(ds, screen, source, out / ds.name / f"features_{source}.csv")
+    run_dir = out / name / f"fold{fold_index}" / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     parts = _split(screen, ds, fold)
@@ -256,6 +321,7 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path) ->
         "--heldout-contexts", *fold[0], "--heldout-perturbations", *fold[1], "--overwrite",
         "data.val_fraction=0", "train.val_every=0", "train.save_every=0", "train.tracker=none",
         *(["--preset", args.preset] if args.preset else []), *args.override,
+        *(["--perturbation-features", str((out / ds.name / f"features_{source}.csv").resolve())] if features is not None else []),
     ]
     model_dir = run_dir / "model_run" / "model"
     # a model this exact command finished earlier is reused (an interrupted suite resumes mid-run)
@@ -270,13 +336,13 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path) ->
         atomic_json(stamp, cmd[1:])
     pargs = SimpleNamespace(set_size=None, num_populations=args.num_populations, sample_steps=args.sample_steps,
                             guidance_scale=0.0, seed=seed)
-    pred, predict_s = _predict(pargs, bench, model_dir, parts["control"], conditions)
+    pred, predict_s = _predict(pargs, bench, model_dir, parts["control"], conditions, features=features)
     ev = evaluate(pred, parts["real"], parts["train"], perturbation_key=ds.perturbation_key,
                   context_key=ds.context_key, control_label=ds.control_label, model_name="perturbdiff",
-                  baselines="auto", seed=seed, outdir=run_dir / "eval", plots=False)
+                  baselines="auto", seed=seed, outdir=run_dir / "eval", plots=False, perturbation_features=features)
     scores = _scores(ev.aggregate)
     scores[CEILING] = _ceiling(parts, ds, seed)
-    return {"dataset": ds.name, "fold": fold_index, "heldout_contexts": fold[0], "heldout_perturbations": fold[1],
+    return {"dataset": name, "features": source, "fold": fold_index, "heldout_contexts": fold[0], "heldout_perturbations": fold[1],
             "seed": seed, "settings": _settings(args), "training_cells": int(n_train),
             "conditions": [f"{p} | {c}" for p, c in conditions.itertuples(index=False)],
             "timings_s": {"train": round(train_s, 1), "predict": round(predict_s, 1), "total": round(time.time() - t0, 1)},
@@ -305,7 +371,7 @@ def scoreboard(results: list[dict]) -> dict:
                 table[m][metric] = ({"mean": round(float(np.mean(vals)), 4), "sd": round(float(np.std(vals)), 4),
                                      "n": len(vals)} if vals else None)
         beats = {}
-        for b in (b for b in BASELINES if b in table):
+        for b in (b for b in BASELINES if b in table):  # perturbdiff.baselines' names
             beats[b] = {}
             for metric, better in METRICS.items():
                 mine, theirs = table["perturbdiff"][metric], table[b][metric]
@@ -360,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default=shlex.quote(sys.executable), help='e.g. "accelerate launch --num_processes 8"')
     p.add_argument("--output-dir", default="runs/suite")
     p.add_argument("--overwrite", action="store_true", help="rerun finished runs whose settings differ")
+    p.add_argument("--features", nargs="+", default=list(FEATURE_SOURCES), choices=FEATURE_SOURCES,
+                   help="feature sources for datasets of genetic perturbations, each a row of the scoreboard "
+                   f"(go needs {GO_ANNOTATIONS}, or PERTURBDIFF_GO_ANNOTATIONS: see the README's feature tables)")
     return p
 
 
@@ -381,23 +450,29 @@ def main(argv=None) -> dict:
         bad = [f for f in folds if not 0 <= f < len(ds.folds)]
         if bad:
             raise SystemExit(f"--folds {bad}: {name} has folds 0..{len(ds.folds) - 1}")
-        plan += [(ds, f, s) for f in folds for s in args.seeds]
+        sources = [None]
+        if ds.features:
+            sources = [src for src in args.features if src != "go" or GO_ANNOTATIONS.is_file()]
+            if "go" in args.features and "go" not in sources:
+                print(f"{name}: GO features skipped: {GO_ANNOTATIONS} not found (set PERTURBDIFF_GO_ANNOTATIONS)", flush=True)
+        plan += [(ds, src, f, s) for src in sources for f in folds for s in args.seeds]
     screens = {}
-    for i, (ds, fold, seed) in enumerate(plan, 1):
-        path = out / ds.name / f"fold{fold}" / f"seed{seed}" / "result.json"
+    for i, (ds, source, fold, seed) in enumerate(plan, 1):
+        name = _variant_name(ds, source)
+        path = out / name / f"fold{fold}" / f"seed{seed}" / "result.json"
         if path.exists():
             done = json.loads(path.read_text())
             if done.get("settings") == _settings(args):
-                print(f"[{i}/{len(plan)}] {ds.name} fold {fold} seed {seed}: done earlier ({path})", flush=True)
+                print(f"[{i}/{len(plan)}] {name} fold {fold} seed {seed}: done earlier ({path})", flush=True)
                 results.append(done)
                 continue
             if not args.overwrite:
                 raise SystemExit(f"{path} was run with other settings ({done.get('settings')}); use another "
                                  "--output-dir, or --overwrite to rerun it")
-        print(f"[{i}/{len(plan)}] {ds.name} fold {fold} {ds.folds[fold]} seed {seed}", flush=True)
+        print(f"[{i}/{len(plan)}] {name} fold {fold} {ds.folds[fold]} seed {seed}", flush=True)
         if ds.name not in screens:
             screens[ds.name] = ds.load()
-        result = run_one(ds, screens[ds.name], fold, seed, args, out)
+        result = run_one(ds, screens[ds.name], fold, seed, args, out, source)
         atomic_json(path, result)
         results.append(result)
         pd_, ed = (result["scores"]["perturbdiff"].get(k) for k in ("pearson_delta", "energy_distance"))

@@ -39,6 +39,7 @@ import torch
 
 from .baselines import BASELINES, TRAIN_BASELINES, baseline_cells, train_stats
 from .expression import Normalization, detect_input_space, gene_columns, to_model_space
+from .features import read_table
 from .files import atomic_write, read_h5ad
 from .losses import energy_distance
 from .metrics import DISCRIMINATION, discrimination, r2, realism
@@ -345,6 +346,7 @@ def evaluate(
     plots: bool = True,
     max_plot_conditions: int = 12,
     quiet: bool = True,
+    perturbation_features=None,
 ) -> Evaluation:
     """Score predicted cells against held-out real cells, beside baselines.
 
@@ -357,8 +359,10 @@ def evaluate(
         train: AnnData of the training cells (controls and perturbed); needed for every baseline
             except ``control_mean``.
         outdir: where to write metrics CSVs, ``summary.md`` and PNG plots (nothing when None).
-        baselines: names from ``BASELINES``; ``"auto"`` = all four with ``train``, else control_mean;
-            ``None`` / ``[]`` = none.
+        baselines: names from ``BASELINES``; ``"auto"`` = with ``train`` the four of every screen
+            (control, perturbation and context means, additive shift), ``additive_combination`` when
+            a condition is a combination and ``nearest_neighbour`` with ``perturbation_features``;
+            without ``train`` control_mean; ``None`` / ``[]`` = none.
         population: which predicted population cell-eval scores (an int, or ``"all"`` pooled); the
             energy distance is averaged over every population.
         profile: cell-eval profile (``full``, ``minimal``, ``vcc``, ``de``, ``anndata``).
@@ -366,9 +370,26 @@ def evaluate(
         max_cells_energy: cells per side subsampled for the energy distance (it is O(n²)).
         num_threads: threads for cell-eval's DE (default: all available).
         quiet: silence cell-eval's progress bars and warnings (metric errors are still warned).
+        perturbation_features: perturbation name -> feature vector (a mapping or a DataFrame indexed
+            by name: a `perturbdiff.features` table), for ``nearest_neighbour``.
     """
-    if isinstance(baselines, str):
-        baselines = (BASELINES if train is not None else ("control_mean",)) if baselines == "auto" else (baselines,)
+    features = None
+    if perturbation_features is not None:
+        table = perturbation_features
+        if not isinstance(table, pd.DataFrame):
+            table = pd.DataFrame({str(k): np.asarray(v, dtype=np.float32) for k, v in table.items()}).T
+        features = {str(k): row.to_numpy(np.float32) for k, row in table.iterrows()}
+    if isinstance(baselines, str) and baselines == "auto":
+        if train is None:
+            baselines = ("control_mean",)
+        else:
+            from .features import COMBINATION_SEP
+
+            names = pred.obs[perturbation_key if perturbation_key in pred.obs else "perturbation"].astype(str)
+            baselines = (*BASELINES[:4], *(["additive_combination"] if names.str.contains(COMBINATION_SEP, regex=False).any() else []),
+                         *(["nearest_neighbour"] if features else []))
+    elif isinstance(baselines, str):
+        baselines = (baselines,)
     baselines = list(baselines or [])
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -391,7 +412,7 @@ def evaluate(
     pca = _fit_pca(data, pca_components, seed)
     methods = {model_name: (data.pred_eval, data.pred_pops, {k: False for k in data.conditions})}
     for b in baselines:
-        cells, fallback = baseline_cells(b, data.conditions, data.controls, data.train, control_label)
+        cells, fallback = baseline_cells(b, data.conditions, data.controls, data.train, control_label, features)
         methods[b] = (cells, {k: [v] for k, v in cells.items()}, fallback)
         if any(fallback.values()):
             warnings.warn(f"baseline {b}: no training data to form it for {[k for k, v in fallback.items() if v][:5]}; "
@@ -445,7 +466,10 @@ def add_parser(sub) -> None:
     p.add_argument("--context-key", default="context")
     p.add_argument("--control-label", default="control")
     p.add_argument("--baselines", nargs="*", default=None,
-                   help=f"subset of {list(BASELINES)} (default: all with --train, else control_mean; none: no baselines)")
+                   help=f"subset of {list(BASELINES)} (default with --train: the four of every screen, additive_combination for "
+                        "combinations, nearest_neighbour with --perturbation-features; else control_mean; none: no baselines)")
+    p.add_argument("--perturbation-features", help="a perturbation feature table (perturbdiff features), "
+                   "for the nearest_neighbour baseline")
     p.add_argument("--population", default="0", help="predicted population scored by cell-eval (int or 'all')")
     p.add_argument("--profile", default="full", choices=["full", "minimal", "vcc", "de", "anndata"])
     p.add_argument("--name", default="PerturbDiff", help="the model's name in the tables")
@@ -466,6 +490,7 @@ def _run(args) -> int:
         control_label=args.control_label, baselines=baselines, population=args.population, profile=args.profile,
         model_name=args.name, pca_components=args.pca_components, max_cells_energy=args.max_cells_energy,
         num_threads=args.num_threads, seed=args.seed, plots=not args.no_plots, quiet=not args.verbose,
+        perturbation_features=None if args.perturbation_features is None else read_table(args.perturbation_features),
     )
     print(result.summary)
     print("wrote " + ", ".join(str(p) for p in result.files.values()))

@@ -61,7 +61,7 @@ def test_suite_smoke_run_scores_a_fold_resumes_and_refuses_other_settings(tmp_pa
             "--sample-steps", "2", "--output-dir", str(tmp_path)]
     board = suite.main(argv)
     entry = board["datasets"]["synthetic"]
-    assert set(entry["methods"]) == {"perturbdiff", *suite.BASELINES, suite.CEILING}
+    assert set(entry["methods"]) == {"perturbdiff", *suite.BASELINES[:4], suite.CEILING}  # no combinations, no features
     assert entry["runs"] == 1 and entry["folds"] == [0] and entry["seeds"] == [0]
     for baseline, flags in entry["beats"].items():
         for metric, better in suite.METRICS.items():
@@ -79,3 +79,37 @@ def test_suite_smoke_run_scores_a_fold_resumes_and_refuses_other_settings(tmp_pa
     assert "done earlier" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="was run with other settings"):
         suite.main(argv[:-2] + ["--steps", "5", "--output-dir", str(tmp_path)])
+
+
+def test_suite_runs_a_genetic_screen_once_per_feature_source(tmp_path, monkeypatch):
+    """A dataset of genetic perturbations is scored per feature source: with GO features (from an
+    annotation SQLite the test writes) the model trains on the table and the nearest-neighbour
+    baseline joins; without, it is the floor."""
+    import dataclasses
+    import sqlite3
+
+    import suite
+
+    db = tmp_path / "org.Hs.eg.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("create table gene_info (_id integer, gene_name text, symbol text)")
+    for aspect in ("bp", "mf", "cc"):
+        con.execute(f"create table go_{aspect}_all (_id integer, go_id text, evidence text)")
+    genes = [f"PERT{i}" for i in range(4)] + [f"Z{k}" for k in range(60)]
+    for i, gene in enumerate(genes):
+        con.execute("insert into gene_info values (?, ?, ?)", (i + 1, gene, gene))
+        for term in ([f"GO:9{i}", f"GO:9{i + 4}"] if gene.startswith("PERT") else [f"GO:9{i % 8}"]):
+            con.execute("insert into go_bp_all values (?, ?, 'IEA')", (i, term))
+    con.commit()
+    con.close()
+    monkeypatch.setattr(suite, "GO_ANNOTATIONS", db)
+    base = suite.datasets()
+    monkeypatch.setattr(suite, "datasets", lambda: {**base, "synthetic": dataclasses.replace(base["synthetic"], features=True)})
+    board = suite.main(["--datasets", "synthetic", "--seeds", "0", "--steps", "3", "--preset", "debug",
+                        "--sample-steps", "2", "--output-dir", str(tmp_path / "out")])["datasets"]
+    assert set(board) == {"synthetic[go]", "synthetic[none]"}
+    assert "nearest_neighbour" in board["synthetic[go]"]["methods"]
+    assert "nearest_neighbour" not in board["synthetic[none]"]["methods"]
+    command = (tmp_path / "out" / "synthetic[go]" / "fold0" / "seed0" / "train_command.json").read_text()
+    assert "--perturbation-features" in command and "features_go.csv" in command
+    assert "--perturbation-features" not in (tmp_path / "out" / "synthetic[none]" / "fold0" / "seed0" / "train_command.json").read_text()

@@ -66,7 +66,7 @@ def test_truth_is_perfect_and_control_is_worse(split, tmp_path):
     real, train, truth, as_control = split
     good = run(truth, real, train, outdir=tmp_path, plots=True)
     agg = good.aggregate.set_index("method")
-    assert list(agg.index) == ["PerturbDiff", *BASELINES] and (agg["num_conditions"] == 3).all()
+    assert list(agg.index) == ["PerturbDiff", *BASELINES[:4]] and (agg["num_conditions"] == 3).all()
     model = agg.loc["PerturbDiff"]
     assert model["pearson_delta"] == pytest.approx(1.0)
     assert model["r2_delta"] == pytest.approx(1.0) and model["mse"] == pytest.approx(0.0, abs=1e-10)
@@ -101,7 +101,7 @@ def test_truth_is_perfect_and_control_is_worse(split, tmp_path):
     assert names == ["mean_shift.png", "metrics.png", "metrics_aggregate.csv", "metrics_per_condition.csv",
                      "pca.png", "summary.md"]
     per_condition = pd.read_csv(tmp_path / "metrics_per_condition.csv")
-    assert len(per_condition) == 3 * (1 + len(BASELINES))
+    assert len(per_condition) == 3 * (1 + len(BASELINES[:4]))  # no combinations, no features: the four
     assert {"method", "perturbation", "context", "pearson_delta", "energy_distance", "fallback"} <= set(per_condition.columns)
     summary = (tmp_path / "summary.md").read_text()
     assert "| pearson_delta ↑ | **1** |" in summary and "additive_shift" in summary
@@ -208,3 +208,25 @@ def test_one_condition_has_no_discrimination_score_and_the_summary_says_why(spli
     assert result.summary.count("discrimination") == 2  # the table row and one note, not two notes
     assert (tmp_path / "metrics.png").stat().st_size > 0
 
+
+
+def test_baselines_for_perturbations_never_trained_on():
+    # training cells in one context: control, A, B, C; each perturbation shifts one gene
+    from perturbdiff.baselines import baseline_cells, train_stats
+
+    G = 4
+    ctrl = np.ones((5, G))
+    shifted = {"A": [1, 0, 0, 0], "B": [0, 2, 0, 0], "C": [0, 0, 3, 0]}
+    X = np.concatenate([ctrl] + [ctrl + np.array(v, float) for v in shifted.values()])
+    pert = np.repeat(["control", "A", "B", "C"], 5)
+    train = train_stats(X, pert, np.repeat("K562", len(X)))
+    controls = {"K562": ctrl.astype(np.float32)}
+    conds = [("A+B", "K562"), ("A+D", "K562"), ("D", "K562")]
+    cells, fallback = baseline_cells("additive_combination", conds, controls, train, "control")
+    np.testing.assert_allclose(cells[("A+B", "K562")].mean(0), [2, 3, 1, 1])  # the parts' effects added
+    assert fallback == {("A+B", "K562"): False, ("A+D", "K562"): True, ("D", "K562"): True}  # D never trained
+    features = {"A": np.array([1.0, 0]), "B": np.array([0, 1.0]), "C": np.array([-1.0, 0]), "D": np.array([0.2, 0.9])}
+    cells, fallback = baseline_cells("nearest_neighbour", [("D", "K562")], controls, train, "control", features)
+    np.testing.assert_allclose(cells[("D", "K562")].mean(0), [1, 3, 1, 1])  # D's closest is B (cosine)
+    with pytest.raises(ValueError, match="needs perturbation features"):
+        baseline_cells("nearest_neighbour", [("D", "K562")], controls, train, "control")
