@@ -55,6 +55,23 @@ def _resolve_key(obs: pd.DataFrame, given: str | None, default: str, flag: str) 
 
 
 # --------------------------------------------------------------------------- the pipeline
+def population_spread(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """How far the K predicted populations of one condition differ: ``values`` [K, n, G].
+
+    Returns the per-gene sd of the K population means [G]; their root-mean-square over genes (the
+    condition's *population spread*); and the spread that n cells drawn from one population would
+    show by chance alone (the root-mean-square over genes of sqrt(within-population variance / n)),
+    which a spread must exceed to say the populations differ. NaN for K = 1.
+    """
+    K, n, G = values.shape
+    if K < 2:
+        return np.full(G, np.nan, np.float32), float("nan"), float("nan")
+    v = values.astype(np.float64)
+    sd = v.mean(1).std(0, ddof=1)
+    noise = np.sqrt(v.var(1, ddof=1).mean(0) / n) if n > 1 else np.zeros(G)
+    return sd.astype(np.float32), float(np.sqrt(np.mean(sd**2))), float(np.sqrt(np.mean(noise**2)))
+
+
 class PerturbDiffPipeline:
     """Predicts perturbed cell populations from control cells with a trained PerturbDiff model.
 
@@ -179,7 +196,7 @@ class PerturbDiffPipeline:
                              "or integer_counts=False (--no-integer-counts)")
 
         G, K = cfg.num_genes, int(num_populations)
-        blocks, obs_blocks, table, own_blocks, count_blocks = [], [], [], [], []
+        blocks, obs_blocks, table, own_blocks, count_blocks, spread_sd = [], [], [], [], [], []
         # the input's own space is written beside the model's when the model's space is log1p-normalised
         own_space = None
         if norm.target_sum is not None and norm.log1p:
@@ -213,6 +230,7 @@ class PerturbDiffPipeline:
                                                     outside=pool["outside"][used.ravel()])
                 count_blocks.append(cell_counts)
             blocks.append(values)
+            spread_sd.append(population_spread(values.reshape(K, n_cells, G)))
             if own_space is not None and decode and info["input_space"] == "counts":
                 own_blocks.append(cell_counts)
             elif own_space is not None:  # the input's own space, at the library size of each cell's control cell
@@ -224,7 +242,8 @@ class PerturbDiffPipeline:
             }, index=[f"c{i}_p{k}_{j}" for k in range(K) for j in range(n_cells)]))
             table.append(dict(perturbation=cond.perturbation, context=cond.context, batch=cond.batch,
                               dose=cond.dose, num_control_cells=len(members[i]), control_source=sources[i],
-                              num_cells=n_cells, set_size=m, num_sets=math.ceil(n_cells / m)))
+                              num_cells=n_cells, set_size=m, num_sets=math.ceil(n_cells / m),
+                              population_spread=spread_sd[-1][1], population_noise=spread_sd[-1][2]))
 
         bar.close()
         obs = pd.concat(obs_blocks)
@@ -234,6 +253,9 @@ class PerturbDiffPipeline:
         var = pd.DataFrame(index=pd.Index(cfg.gene_names or [f"gene{g}" for g in range(G)], name="gene"))
         if info["missing_genes"]:
             var["missing_in_control"] = info["missing_mask"]
+        varm = {}
+        if K > 1:  # per gene and condition: the sd of the K population means (columns: uns conditions order)
+            varm["population_sd"] = np.stack([sd for sd, _, _ in spread_sd], axis=1).astype(np.float32)
         conditions_table = pd.DataFrame(table)
         for col in ("perturbation", "context", "batch", "control_source"):
             conditions_table[col] = pd.Categorical(conditions_table[col])
@@ -262,7 +284,7 @@ class PerturbDiffPipeline:
             uns["perturbdiff"]["input_space_layer"] = own_space
         if decode:
             layers["counts"] = np.concatenate(count_blocks)
-        return ad.AnnData(X=X, obs=obs, var=var, uns=uns, layers=layers)
+        return ad.AnnData(X=X, obs=obs, var=var, uns=uns, layers=layers, varm=varm)
 
     def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
                           features, num_steps, eta, guidance_scale, bar=None) -> tuple[np.ndarray, np.ndarray]:

@@ -151,4 +151,26 @@ def write_plots(out: Path, data, methods, per_condition, aggregate, pca, model_n
     fig.tight_layout()
     files["metrics_plot"] = atomic_write(out / "metrics.png", lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
+
+    # 4. With several predicted populations: how far their means differ, per condition.
+    from .pipeline import population_spread
+
+    spreads = {k: population_spread(np.stack(pops))[1:] for k, pops in methods[model_name][1].items()
+               if len(pops) > 1 and len({len(x) for x in pops}) == 1}
+    if spreads:
+        names = [f"{p} | {c}" for p, c in spreads]
+        fig, ax = plt.subplots(figsize=(6, 0.35 * len(names) + 1.2))
+        ax.barh(names, [v[0] for v in spreads.values()], color="tab:red", label="spread of the population means")
+        ax.scatter([v[1] for v in spreads.values()], range(len(names)), marker="|", s=120, c="k",
+                   label="spread from cell sampling alone")
+        ax.set_xlabel("RMS over genes of the sd of population means (log1p units)", fontsize=8)
+        ax.set_title(f"{model_name}: {len(next(iter(methods[model_name][1].values())))} predicted populations "
+                     "per condition", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["population_spread_plot"] = atomic_write(out / "population_spread.png",
+                                                       lambda p: fig.savefig(p, dpi=120, format="png"))
+        plt.close(fig)
     return files

@@ -109,7 +109,7 @@ def test_truth_is_perfect_and_control_is_worse(split, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_populations_and_counts_input(split):
+def test_populations_and_counts_input(split, tmp_path):
     real, train, truth, _ = split
     # Two predicted populations: population 0 is the truth, population 1 the truth shifted.
     shifted = truth.copy()
@@ -124,6 +124,9 @@ def test_populations_and_counts_input(split):
     assert (per["num_populations"] == 2).all() and (per["energy_distance_sd"] > 0).all()
     pooled = run(pred, real, None, baselines=None, profile="minimal", population="all")
     assert (pooled.per_condition["num_pred_cells"] == 2 * per["num_pred_cells"]).all()
+    # several populations: a plot of how far their means differ (here 0.5 on every gene)
+    plotted = run(pred, real, None, baselines=None, profile="minimal", outdir=tmp_path, plots=True)
+    assert plotted.files["population_spread_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_controls_from_train_and_fallback(split):

@@ -375,3 +375,19 @@ def test_a_feature_model_predicts_unseen_perturbations_from_their_features(tmp_p
         predict(pipe, control, perturbation=["MYC", "KRAS+MYC"], context="T cell", perturbation_features=table)
     with pytest.raises(ValueError, match=r"have 2 values per perturbation, the model takes 3"):
         predict(pipe, control, perturbation="IFNB", context="T cell", perturbation_features=table.iloc[:, :2])
+
+
+def test_population_spread_says_how_far_the_predicted_populations_differ(pipe):
+    control = make_control()
+    out = predict(pipe, control, perturbation=["IFNB", "TNF"], context="T cell", num_populations=3, seed=2)
+    table = out.uns["perturbdiff"]["conditions"]
+    sd = out.varm["population_sd"]
+    assert sd.shape == (len(GENES), 2)
+    for j, p in enumerate(["IFNB", "TNF"]):
+        cells = out[out.obs["perturbation"] == p]
+        means = np.stack([np.asarray(cells[cells.obs["population"] == k].X, dtype=np.float64).mean(0) for k in range(3)])
+        np.testing.assert_allclose(sd[:, j], means.std(0, ddof=1), rtol=1e-4, atol=1e-6)
+        assert table["population_spread"].iat[j] == pytest.approx(np.sqrt(np.mean(means.std(0, ddof=1) ** 2)), rel=1e-4)
+        assert table["population_noise"].iat[j] > 0
+    single = predict(pipe, control, perturbation="IFNB", context="T cell")
+    assert "population_sd" not in single.varm and np.isnan(single.uns["perturbdiff"]["conditions"]["population_spread"]).all()
