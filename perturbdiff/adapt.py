@@ -110,8 +110,14 @@ def adapt_model(
         new_sd["final_layer.control_gate"][dst] = old_sd["final_layer.control_gate"][src]
         handled.add("final_layer.control_gate")
     report["genes"] = _counts(old_genes, config.gene_names or old_genes)
-    # the additive pathway's effects are measured on the new screen's training cells by the trainer
-    handled.add("perturbation_effect")
+    key = "perturbation_shift.weight"  # [perturbation ids, genes]: shared perturbations x shared genes
+    if key in old_sd and key in new_sd:
+        old_pos = {n: i + 1 for i, n in enumerate(base_config.perturbation_names)}
+        rows = [(j + 1, old_pos[n]) for j, n in enumerate(config.perturbation_names) if n in old_pos]
+        if rows:
+            rdst, rsrc = (torch.tensor(x) for x in zip(*rows))
+            new_sd[key][rdst[:, None], dst[None]] = old_sd[key][rsrc[:, None], src[None]]
+        handled.add(key)
 
     for key, value in old_sd.items():  # everything else has the same shape
         if key in handled or key not in new_sd:  # not in new_sd: a module the new config turns off

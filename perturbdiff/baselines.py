@@ -44,8 +44,7 @@ def additive_effect(train: dict, perturbation, control_label, exclude_context=No
     where it and the controls both have training cells, the mean of (mean of its cells in c − mean of
     the controls of c); ``None`` where there is no such context.
 
-    ``train`` is `train_stats`' format: sums [G] and counts keyed by (perturbation, context). The
-    model's additive pathway (`perturbdiff.data.CellSetDataset.perturbation_effects`) uses this rule too.
+    ``train`` is `train_stats`' format: sums [G] and counts keyed by (perturbation, context).
     """
     sums, counts = train["sums"], train["counts"]
     effects = [sums[k] / counts[k] - sums[(control_label, k[1])] / counts[(control_label, k[1])]

@@ -67,13 +67,11 @@ class PerturbDiffConfig(PretrainedConfig):
             own control. Training pairs a perturbed set's cells with its control set's cells by
             optimal transport. A population keeps its own identity cell by cell, which is what a
             cell type never seen perturbed needs.
-        perturbation_shift: an explicit additive pathway: each perturbation's average change over
-            its training contexts (the additive-shift baseline's rule, measured on the training
-            cells by the trainer and stored with the weights, not learned) is added to the head's
-            output beside the control residual (only when a control set is given), so the network
-            starts from "control + the perturbation's average change" and learns only the
-            context- and cell-specific part. Zero for the null perturbation (and under guidance's
-            dropped covariates) and for a perturbation with no training cells.
+        perturbation_shift: an explicit additive pathway: a learned per-perturbation shift [G],
+            shared by every context, added to the head's output beside the control residual (only
+            when a control set is given), so the network starts from "control + the perturbation's
+            average change" and learns the context-specific correction. Zero for the null
+            perturbation (and under guidance's dropped covariates).
         normalization: dict of :class:`~perturbdiff.expression.Normalization` fields.
         control_label: the perturbation name that marks control cells in the training data.
         set_size: cells per set the model was trained with (the trainer records it); prediction

@@ -218,6 +218,8 @@ class PerturbDiffPreTrainedModel(PreTrainedModel):
                 init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and getattr(module, "zero_init", False):
+            init.zeros_(module.weight)  # the additive pathway starts at "no change"
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.RMSNorm) and module.weight is not None:
@@ -249,24 +251,13 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             [JointBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.num_layers)]
         )
         self.final_layer = FinalLayer(d, G, config.output_activation, config.control_residual)
-        # the additive pathway: each perturbation id's mean effect over its training contexts [P, G],
-        # measured from the training cells by the trainer (`set_perturbation_effects`), not learned;
-        # row 0 (the null id) stays zero
-        self.register_buffer("perturbation_effect", torch.zeros(config.num_ids("perturbation"), G)
-                             if config.perturbation_shift else None)
+        # the additive pathway: one shift per perturbation id (row 0, the null id, stays zero),
+        # stored divided by the head's gain so that Adam moves it O(1) within a short run
+        self.perturbation_shift = (nn.Embedding(config.num_ids("perturbation"), G, padding_idx=NULL_ID)
+                                   if config.perturbation_shift else None)
+        if self.perturbation_shift is not None:
+            self.perturbation_shift.zero_init = True
         self.post_init()
-
-    @torch.no_grad()
-    def set_perturbation_effects(self, effects) -> None:
-        """Fill the additive pathway: ``effects`` [perturbation ids, G], row 0 (null) zero."""
-        if self.perturbation_effect is None:
-            raise ValueError("set_perturbation_effects needs a model built with perturbation_shift=True")
-        effects = torch.as_tensor(effects, dtype=self.perturbation_effect.dtype)
-        if effects.shape != self.perturbation_effect.shape:
-            raise ValueError(f"perturbation effects must be {tuple(self.perturbation_effect.shape)}, got {tuple(effects.shape)}")
-        if not torch.isfinite(effects).all() or effects[NULL_ID].abs().sum() > 0:
-            raise ValueError("perturbation effects must be finite, with a zero row for the null perturbation")
-        self.perturbation_effect.copy_(effects)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -328,9 +319,9 @@ class PerturbDiffModel(PerturbDiffPreTrainedModel):
             x = x + self.pair_embed(control)  # [B, m, d]: each token reads its own control cell
         c = self.c_embed(control) if control is not None else None  # [B, m, d] or None
         shift = None
-        if control is not None and self.perturbation_effect is not None:
+        if control is not None and self.perturbation_shift is not None:
             pid = null_dropped(ids[0], drop_covariates)
-            shift = self.perturbation_effect[pid].unsqueeze(1).to(x_t.dtype)  # [B, 1, G]
+            shift = FinalLayer.GATE_GAIN * self.perturbation_shift(pid).unsqueeze(1)  # [B, 1, G]
         residual = None
         if control is not None and self.config.control_residual:
             # each cell's own control cell [B, m, G] (paired_control), else the set's mean [B, 1, G]

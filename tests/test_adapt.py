@@ -84,15 +84,16 @@ def test_finetuning_can_switch_paired_control_on_and_keeps_it(tiny_model, tiny_c
                             log=lambda _: None).pair_embed is None
 
 
-def test_finetuning_measures_the_additive_pathway_afresh_for_the_new_vocabulary(tiny_config):
+def test_finetuning_carries_the_additive_pathway_over_for_shared_perturbations_and_genes(tiny_config):
     config = pdiff.PerturbDiffConfig(**{**tiny_config.to_dict(), "perturbation_shift": True})
     base = pdiff.PerturbDiffModel(config)
-    effects = torch.zeros(config.num_ids("perturbation"), config.num_genes)
-    effects[1:] = torch.randn(config.num_ids("perturbation") - 1, config.num_genes)
-    base.set_perturbation_effects(effects)
+    with torch.no_grad():
+        base.perturbation_shift.weight[1:] = torch.randn(config.num_ids("perturbation") - 1, config.num_genes)
     genes = list(reversed(tiny_config.gene_names[2:])) + ["NEW1"]
     model, _ = adapt_model(base, gene_names=genes, perturbation_names=["TNF", "IL6"])
-    # the base's effects were measured on its own data: the trainer measures the screen's
-    assert model.perturbation_effect.shape == (3, len(genes)) and model.perturbation_effect.abs().sum() == 0
+    new, old = model.perturbation_shift.weight, base.perturbation_shift.weight
+    cols = [tiny_config.gene_names.index(g) for g in genes[:-1]]
+    torch.testing.assert_close(new[1, :-1], old[config.encode("perturbation", ["TNF"])[0], cols])  # TNF, shared genes
+    assert new[1, -1] == 0 and (new[2] == 0).all() and (new[0] == 0).all()  # a new gene, a new perturbation, null
     plain, _ = adapt_model(pdiff.PerturbDiffModel(tiny_config), overrides={"perturbation_shift": True})
-    assert plain.perturbation_effect.abs().sum() == 0 and plain.perturbation_effect.shape == effects.shape
+    assert plain.perturbation_shift.weight.abs().sum() == 0  # switched on when finetuning: starts at zero

@@ -308,35 +308,6 @@ def test_sparse_batches_densify_to_the_dense_batches(atlas_path, two_atlases, nu
             assert _same(densify(s), d)
 
 
-def test_perturbation_effects_are_the_additive_shift_of_the_training_cells_only(atlas_path, dense):
-    # the model's additive pathway and the additive-shift baseline are one rule, over training cells
-    from perturbdiff.baselines import additive_effect, train_stats
-
-    norm = Normalization(target_sum=1e4, log1p=True, scale=1.0)
-    spec = SplitSpec.held_out(["celltype2"], ["PERT1"])
-    ds = CellSetDataset(atlas_path, set_size=M, batch_size=B, normalization=norm, held_out=spec)
-    effects, cells = ds.perturbation_effects()
-    groups = Atlas(atlas_path).groups
-    rows, keep = np.zeros(len(dense), dtype=object), np.zeros(len(dense), dtype=bool)
-    for _, g in groups.iterrows():
-        held = g["context"] == "celltype2" and g["perturbation"] == "PERT1"
-        rows[g["start"]:g["stop"]] = "control" if g["is_control"] else g["perturbation"]
-        keep[g["start"]:g["stop"]] = not held
-    ctx = np.zeros(len(dense), dtype=object)
-    for _, g in groups.iterrows():
-        ctx[g["start"]:g["stop"]] = g["context"]
-    stats = train_stats(normalize_counts(dense, norm)[keep], rows[keep], ctx[keep])
-    assert cells == keep.sum()  # every training and control cell of this small atlas (< max_cells per group)
-    assert effects.shape == (len(ds.perturbation_names) + 1, ds.num_genes) and not effects[0].any()
-    for i, name in enumerate(ds.perturbation_names, start=1):
-        np.testing.assert_allclose(effects[i], additive_effect(stats, name, "control"), rtol=1e-4, atol=1e-5)
-    # PERT1's effect leaves out its held-out context: it differs from the one over every context
-    every = train_stats(normalize_counts(dense, norm), rows, ctx)
-    pert1 = ds.perturbation_names.index("PERT1") + 1
-    assert not np.allclose(effects[pert1], additive_effect(every, "PERT1", "control"), atol=1e-3)
-    with pytest.raises(ValueError, match="conditional"):
-        CellSetDataset(atlas_path, set_size=M, batch_size=B, mode="marginal").perturbation_effects()
-
 
 def test_batches_carry_each_sets_perturbation_features(atlas_path):
     ds = CellSetDataset(atlas_path, set_size=M, batch_size=B)

@@ -196,29 +196,23 @@ def test_paired_control_adds_each_cells_own_control_cell(tiny_model, tiny_config
 def test_the_additive_pathway_adds_one_shift_per_perturbation_and_none_for_null_or_dropped(tiny_config):
     config = pdiff.PerturbDiffConfig(**{**tiny_config.to_dict(), "perturbation_shift": True, "output_activation": "none"})
     model = pdiff.PerturbDiffModel(config).eval()
-    assert model.perturbation_effect.abs().sum() == 0  # filled by the trainer from the training cells
-    assert "perturbation_effect" in model.state_dict()  # saved with the weights, not learned
-    assert "perturbation_effect" not in dict(model.named_parameters())
+    assert model.perturbation_shift.weight.abs().sum() == 0  # starts at "no change"
     inputs = make_inputs(config, B=3)
     inputs["perturbation"] = torch.tensor([0, 2, 3])  # null, IFNB, TNF
     before = model(**inputs)
-    effects = torch.zeros(config.num_ids("perturbation"), config.num_genes)
-    effects[1:] = torch.randn(3, config.num_genes)
-    model.set_perturbation_effects(effects)
+    with torch.no_grad():
+        model.perturbation_shift.weight[1:] = torch.randn(3, config.num_genes)
     after = model(**inputs)
-    torch.testing.assert_close(after - before, effects[[0, 2, 3]][:, None].expand_as(before))
+    gain = model.final_layer.GATE_GAIN
+    torch.testing.assert_close(after - before, gain * model.perturbation_shift.weight[[0, 2, 3]][:, None].expand_as(before))
     assert torch.equal(after[0], before[0])  # the null perturbation has no shift
     dropped = model(**inputs, drop_covariates=torch.tensor([False, True, False]))
     torch.testing.assert_close(dropped[1], model(**{**inputs, "perturbation": torch.tensor([0, 0, 0])},
                                                  drop_covariates=torch.tensor([False, True, False]))[1])
     no_control = {k: v for k, v in inputs.items() if k != "control"}
-    with_effects = model(**no_control)
-    model.set_perturbation_effects(torch.zeros_like(effects))
-    torch.testing.assert_close(model(**no_control), with_effects)  # a change from a control set only
-    bad = effects.clone()
-    bad[0] = 1.0
-    for wrong, match in ((effects[:, :-1], "must be"), (bad, "null"), (effects * float("nan"), "finite")):
-        with pytest.raises(ValueError, match=match):
-            model.set_perturbation_effects(wrong)
-    with pytest.raises(ValueError, match="perturbation_shift=True"):
-        pdiff.PerturbDiffModel(tiny_config).set_perturbation_effects(effects)
+    with torch.no_grad():
+        model.perturbation_shift.weight.zero_()
+    plain = model(**no_control)
+    with torch.no_grad():
+        model.perturbation_shift.weight[1:] = 1.0
+    torch.testing.assert_close(model(**no_control), plain)  # a change from a control set only: none without one

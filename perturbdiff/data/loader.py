@@ -416,45 +416,6 @@ class CellSetDataset(IterableDataset):
         csr = parts[0] if len(parts) == 1 else concat_csr(parts)
         return csr if take is None else take_rows(*csr, take)
 
-    def perturbation_effects(self, max_cells: int = 2048) -> tuple[np.ndarray, int]:
-        """Each perturbation's additive effect over this split's groups, in the loader's space.
-
-        The additive-shift baseline's rule (`perturbdiff.baselines.additive_effect`): over the
-        (dataset, context)s where a perturbation has cells in this split, the mean of (its mean
-        there − the mean of that context's control pool). Each group contributes its first
-        ``max_cells`` rows (the builder shuffles cells within groups: a random subset). Only the
-        split's groups are read, so a held-out group never enters. Conditional mode only.
-
-        Returns:
-            effects float32 [perturbation ids, G] (row 0, the null id, and perturbations without a
-            training context stay zero), and the number of cells read.
-        """
-        if self.mode != "conditional":
-            raise ValueError("perturbation_effects needs mode='conditional'")
-        from ..baselines import additive_effect
-
-        G, control = self.num_genes, "control"  # controls are keyed apart from every perturbation id
-        sums, counts, read = {}, {}, 0
-        for src in self.sources:
-            g = src.groups
-            controls = {int(c) for candidates, _ in src.controls.values() for c in candidates}
-            for gid in [*src.controls, *sorted(controls)]:
-                n = int(min(src.size[gid], max_cells))
-                start = int(src.start[gid])
-                indptr, cols, values = self._normalise([(src.atlas.read_rows(start, start + n), src)])
-                key = (control if gid in controls else int(src.ids["perturbation"][gid]),
-                       (src.index, g["dataset"].iat[gid], g["context"].iat[gid]))
-                sums[key] = sums.get(key, 0) + np.bincount(cols, weights=values, minlength=G)
-                counts[key] = counts.get(key, 0) + n
-                read += n
-        effects = np.zeros((len(self.perturbation_names) + 1, G), dtype=np.float32)
-        train = {"sums": sums, "counts": counts}
-        for pid in {k[0] for k in sums if k[0] != control}:
-            effect = additive_effect(train, pid, control)
-            if effect is not None and pid != NULL_ID:
-                effects[pid] = effect
-        return effects, read
-
     def batch_rows(self, index: int, epoch: int | None = None) -> list[dict]:
         """The atlas rows of the cells of this rank's batch ``index`` (for inspection and benchmarks).
 

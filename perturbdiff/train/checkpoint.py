@@ -370,7 +370,7 @@ def model_card(config: PerturbDiffConfig, cfg, *, step: int, cells_seen: int, wo
         lines.append(f"- perturbation features: {config.perturbation_feature_dim} per perturbation from "
                      f"{Path(d.perturbation_features).name} (give it to predict: --perturbation-features)")
     if config.perturbation_shift:
-        lines.append("- additive pathway: each perturbation's mean effect over its training contexts")
+        lines.append("- additive pathway: a learned shift per perturbation, shared by every context")
     # the base model by its last two path parts (runs/pretrain/model -> pretrain/model), not this machine's path
     lines += [f"- {k}: {'/'.join(Path(v).parts[-2:]) if k == 'base model' else v}" for k, v in extra.items()]
     lines += ["", "## Figures at the end of training (training and validation loss)", ""]

@@ -118,12 +118,6 @@ class Trainer:
         else:
             model = PerturbDiffModel(PerturbDiffConfig.from_preset(cfg.model.preset, **{**data_vocab, **cfg.model.overrides}))
         self.train_data, self.val_data = self._build_loaders(atlases, model.config, data_vocab)
-        if model.config.perturbation_shift and self.cfg.train.objective == "conditional":
-            # the additive pathway: measured from this run's training cells (never a held-out group)
-            effects, cells = self.train_data.dataset.perturbation_effects()
-            model.set_perturbation_effects(effects)
-            self._print(f"additive pathway: the mean effect of {int((abs(effects).sum(1) > 0).sum())} perturbation(s) "
-                        f"over their training contexts, from {cells:,} cells")
         # what prediction needs to know of the training data travels in the export's config.json
         model.config.set_size = data.set_size
         labels = sorted({a.control_label for a in atlases if a.control_label})
@@ -548,7 +542,7 @@ class Trainer:
         path = Path(path)
         if self.ema is not None:
             unwrapped = accelerator.unwrap_model(self.model)
-            saved = unwrapped.state_dict().keys()  # persistent buffers (the additive pathway's effects) too
+            saved = unwrapped.state_dict().keys()  # persistent buffers too (the EMA holds parameters only)
             state = {**self.ema.state_dict(),
                      **{n: b.detach().cpu() for n, b in unwrapped.named_buffers() if n in saved}}
         else:
