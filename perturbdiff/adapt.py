@@ -66,7 +66,8 @@ def adapt_model(
         "batch_names": list(batch_names) if batch_names is not None else base_config.batch_names,
     }
     cfg_dict = base_config.to_dict()
-    for key in ("num_genes", "model_type", "transformers_version", "architectures"):
+    # gene_max describes the base's training data: the trainer records the screen's
+    for key in ("num_genes", "model_type", "transformers_version", "architectures", "gene_max"):
         cfg_dict.pop(key, None)
     config = PerturbDiffConfig(**{**cfg_dict, **(overrides or {}), **vocab})
     torch.manual_seed(seed)

@@ -12,6 +12,7 @@ Covariate ids: id 0 of every covariate is the reserved *null* id (classifier-fre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -23,6 +24,9 @@ from .expression import Normalization
 __all__ = ["PerturbDiffConfig", "MODEL_PRESETS", "COVARIATES", "NULL_ID", "encode_names"]
 
 NULL_ID = 0
+# How far above a gene's training maximum (log1p units) sampling lets it go: log 2, twice its
+# largest normalised count share.
+GENE_MAX_MARGIN = math.log(2.0)
 COVARIATES = ("perturbation", "context", "batch")
 
 # Named sizes. ``base`` is the paper's default (d=512, depth 8, 8 heads); ``debug`` is for tests.
@@ -76,6 +80,11 @@ class PerturbDiffConfig(PretrainedConfig):
         control_label: the perturbation name that marks control cells in the training data.
         set_size: cells per set the model was trained with (the trainer records it); prediction
             uses it as its default set size, since a set model's output depends on the set size.
+        gene_max: each gene's largest value in the training data, in the model's space [G] (the
+            trainer records it from the training split's cells and every control cell, never a
+            held-out group). Sampling keeps every x_0 estimate at or below it plus
+            ``GENE_MAX_MARGIN`` (twice the gene's largest normalised count share): without that,
+            a few cells ran off to "the whole cell is one gene" (docs/benchmarks.md).
     """
 
     model_type = "perturbdiff"
@@ -104,6 +113,7 @@ class PerturbDiffConfig(PretrainedConfig):
         normalization: dict | None = None,
         control_label: str | None = "control",
         set_size: int | None = None,
+        gene_max: Sequence[float] | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -131,6 +141,7 @@ class PerturbDiffConfig(PretrainedConfig):
         self.normalization = Normalization.from_dict(normalization).to_dict()
         self.control_label = control_label
         self.set_size = set_size
+        self.gene_max = None if gene_max is None else [float(v) for v in gene_max]
         self.initializer_range = initializer_range
         for name, kept in _REMOVED.items():  # options measurements rejected: refuse other values
             if name in kwargs and kwargs.pop(name) != kept:
@@ -167,6 +178,16 @@ class PerturbDiffConfig(PretrainedConfig):
             )
         if self.perturbation_feature_dim < 0:
             raise ValueError("perturbation_feature_dim must be >= 0")
+        if self.gene_max is not None and (len(self.gene_max) != self.num_genes
+                                          or not all(math.isfinite(v) and v >= 0 for v in self.gene_max)):
+            raise ValueError(f"gene_max must be {self.num_genes} finite values >= 0 (one per gene)")
+
+    def sample_ceiling(self) -> list[float] | None:
+        """The largest value sampling lets each gene take (model space): ``gene_max`` + the margin."""
+        if self.gene_max is None:
+            return None
+        margin = GENE_MAX_MARGIN / float(self.normalization.get("scale", 1.0) or 1.0)
+        return [v + margin for v in self.gene_max]
 
     # ------------------------------------------------------------------ presets
     @classmethod

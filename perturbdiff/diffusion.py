@@ -140,6 +140,7 @@ class GaussianDiffusion:
         guidance_scale: float = 0.0,
         self_conditioning: bool = True,
         clamp: bool = True,
+        clamp_max: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         device=None,
         dtype: torch.dtype = torch.float32,
@@ -156,6 +157,8 @@ class GaussianDiffusion:
             guidance_scale: w of classifier-free guidance (0 = conditional only).
             self_conditioning: feed each step's x_0 estimate to the next step.
             clamp: clamp x_0 estimates (and the result) to be non-negative.
+            clamp_max: [G] largest value per gene of x_0 estimates (and the result), as DDPM clips
+                its estimates to the data range (the model's ``sample_ceiling``); None: no bound.
         Returns:
             the generated clean sets [B, m, G].
         """
@@ -170,6 +173,8 @@ class GaussianDiffusion:
         def randn():
             return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
 
+        if clamp_max is not None:
+            clamp_max = torch.as_tensor(clamp_max, device=device, dtype=dtype)
         x = randn()
         x0_prev = torch.zeros(shape, device=device, dtype=dtype) if self_conditioning else None
         ts = self.timesteps(num_steps)
@@ -188,6 +193,8 @@ class GaussianDiffusion:
                 x0 = denoise(x, tt, x0_prev, False)
             if clamp:
                 x0 = x0.clamp_min(0)
+            if clamp_max is not None:
+                x0 = torch.minimum(x0, clamp_max)
             if self_conditioning:
                 x0_prev = x0.to(dtype)
             needs_noise = t_prev >= 0 and (sampler == "ddpm" or eta > 0)
@@ -196,4 +203,5 @@ class GaussianDiffusion:
                 x = self.ddim_step(x, t, t_prev, x0, eta=eta, noise=noise)
             else:
                 x = self.ddpm_step(x, t, t_prev, x0, noise=noise)
-        return x.clamp_min(0) if clamp else x
+        x = x.clamp_min(0) if clamp else x
+        return x if clamp_max is None else torch.minimum(x, clamp_max)

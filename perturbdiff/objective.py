@@ -197,10 +197,11 @@ def sample_sets(
         return out[:num_sets], out[num_sets:]
 
     try:
+        ceiling = model.config.sample_ceiling()  # each gene's training range (+ a margin), when recorded
         return diffusion.sample(
             denoise, shape, num_steps=num_steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
             self_conditioning=model.config.self_conditioning, generator=generator, device=device, dtype=dtype,
-            progress=progress,
+            progress=progress, clamp_max=None if ceiling is None else torch.tensor(ceiling),
         )
     finally:
         model.train(model_was_training)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 import perturbdiff as pdiff
@@ -53,3 +54,14 @@ def test_config_round_trips_through_json(tiny_config, tmp_path):
     assert loaded.gene_names == tiny_config.gene_names
     assert loaded.perturbation_names == tiny_config.perturbation_names
     assert loaded.norm == pdiff.Normalization(target_sum=1e4, log1p=True, scale=10.0)
+
+
+def test_gene_max_is_checked_and_gives_the_sampling_ceiling(tiny_config):
+    G = tiny_config.num_genes
+    config = pdiff.PerturbDiffConfig(**{**tiny_config.to_dict(), "gene_max": [1.0] * G})
+    ceiling = config.sample_ceiling()
+    assert len(ceiling) == G and ceiling[0] == pytest.approx(1.0 + np.log(2) / 10.0)  # log 2 in the model's space
+    assert tiny_config.sample_ceiling() is None  # not recorded: no ceiling
+    for bad in ([1.0] * (G - 1), [float("nan")] * G, [-1.0] * G):
+        with pytest.raises(ValueError, match="gene_max must be"):
+            pdiff.PerturbDiffConfig(**{**tiny_config.to_dict(), "gene_max": bad})

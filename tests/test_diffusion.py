@@ -61,3 +61,21 @@ def test_guidance_is_the_papers_eps_combination():
     w = 1.5
     eps = (1 + w) * diff.eps_from_x0(x_t, t, xc) - w * diff.eps_from_x0(x_t, t, xu)
     torch.testing.assert_close(pdiff.apply_guidance(xc, xu, w), diff.x0_from_eps(x_t, t, eps), rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_keeps_estimates_within_a_per_gene_ceiling():
+    # a denoiser that always overshoots: the ceiling holds every x_0 estimate and the result
+    d = pdiff.GaussianDiffusion(100)
+    ceiling = torch.tensor([0.5, 1.0, 2.0])
+    seen = []
+
+    def denoise(x, t, self_cond, guided):
+        if self_cond is not None:
+            seen.append(self_cond.clone())
+        return torch.full_like(x, 5.0)
+
+    out = d.sample(denoise, (2, 4, 3), num_steps=5, clamp_max=ceiling, generator=torch.Generator().manual_seed(0))
+    assert (out <= ceiling + 1e-6).all() and torch.allclose(out, ceiling.expand_as(out), atol=1e-4)
+    assert all((s <= ceiling + 1e-6).all() for s in seen)  # the estimates fed back were clamped
+    free = d.sample(denoise, (2, 4, 3), num_steps=5, generator=torch.Generator().manual_seed(0))
+    assert free.max() > 4

@@ -320,3 +320,18 @@ def test_batches_carry_each_sets_perturbation_features(atlas_path):
         CellSetDataset(atlas_path, set_size=M, batch_size=B, perturbation_features=feats[:-1])
     with pytest.raises(ValueError, match="need mode='conditional'"):
         CellSetDataset(atlas_path, set_size=M, batch_size=B, mode="marginal", perturbation_features=feats)
+
+
+def test_gene_maxima_cover_training_and_control_cells_but_no_held_out_group(atlas_path, dense):
+    norm = Normalization(target_sum=1e4, log1p=True, scale=10.0)
+    spec = SplitSpec.held_out(["celltype2"], ["PERT1"])
+    ds = CellSetDataset(atlas_path, set_size=M, batch_size=B, normalization=norm, held_out=spec)
+    maxima, cells = ds.gene_maxima()
+    groups = Atlas(atlas_path).groups
+    held = np.zeros(len(dense), dtype=bool)
+    for _, g in groups.iterrows():
+        held[g["start"]:g["stop"]] = g["context"] == "celltype2" and g["perturbation"] == "PERT1"
+    reference = normalize_counts(dense, norm)
+    np.testing.assert_allclose(maxima, reference[~held].max(0), rtol=1e-5)
+    assert cells == (~held).sum()  # every other cell of this small atlas
+    assert (reference[held].max(0) > maxima + 1e-6).any()  # the held-out cells would have raised some

@@ -72,6 +72,9 @@ def check_export(out, steps: int):
     assert f"steps: {steps}" in card and "objective: marginal" in card and "val_loss" in card
     sets = pdiff.sample_sets(model, num_sets=2, num_cells=8, num_steps=4, generator=torch.Generator().manual_seed(0))
     assert sets.shape == (2, 8, model.config.num_genes) and torch.isfinite(sets).all() and (sets >= 0).all()
+    # ... and each gene's training range, which sampling keeps to
+    assert len(saved["gene_max"]) == model.config.num_genes and max(saved["gene_max"]) > 0
+    assert (sets <= torch.tensor(model.config.sample_ceiling()) + 1e-6).all()
     return model
 
 

@@ -416,6 +416,27 @@ class CellSetDataset(IterableDataset):
         csr = parts[0] if len(parts) == 1 else concat_csr(parts)
         return csr if take is None else take_rows(*csr, take)
 
+    def gene_maxima(self, max_cells: int = 4096) -> tuple[np.ndarray, int]:
+        """Each vocabulary gene's largest normalised value over this split's groups and every control
+        group (the model's space; what `PerturbDiffConfig.gene_max` records).
+
+        Each group contributes its first ``max_cells`` rows (the builder shuffles cells within
+        groups: a random subset). Groups held out of this split are never read.
+
+        Returns:
+            float32 [G] maxima (0 for a gene never seen expressed) and the number of cells read.
+        """
+        out, read = np.zeros(self.num_genes, dtype=np.float32), 0
+        for src, base in zip(self.sources, self._base):
+            gids = set(np.unique(base[:, 0]).tolist()) | set(np.flatnonzero(src.is_control & (src.size > 0)).tolist())
+            for gid in sorted(gids):
+                n = int(min(src.size[gid], max_cells))
+                start = int(src.start[gid])
+                _, cols, values = self._normalise([(src.atlas.read_rows(start, start + n), src)])
+                np.maximum.at(out, cols, values)
+                read += n
+        return out, read
+
     def batch_rows(self, index: int, epoch: int | None = None) -> list[dict]:
         """The atlas rows of the cells of this rank's batch ``index`` (for inspection and benchmarks).
 

@@ -120,6 +120,10 @@ class Trainer:
         self.train_data, self.val_data = self._build_loaders(atlases, model.config, data_vocab)
         # what prediction needs to know of the training data travels in the export's config.json
         model.config.set_size = data.set_size
+        maxima, cells = self.train_data.dataset.gene_maxima()
+        model.config.gene_max = [float(v) for v in maxima]  # sampling keeps each gene in its range
+        self._print(f"gene ranges: the largest value of each gene over {cells:,} training and control cells "
+                    "(sampling keeps x_0 estimates below them plus a margin)")
         labels = sorted({a.control_label for a in atlases if a.control_label})
         if len(labels) == 1:
             model.config.control_label = labels[0]
