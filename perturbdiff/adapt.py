@@ -120,6 +120,9 @@ def adapt_model(
             new_sd[key][rdst[:, None], dst[None]] = old_sd[key][rsrc[:, None], src[None]]
         handled.add(key)
 
+    # the feature rows are the screen's: the trainer fills them from its feature table
+    handled.add("covariate_embedder.feature_table")
+
     for key, value in old_sd.items():  # everything else has the same shape
         if key in handled or key not in new_sd:  # not in new_sd: a module the new config turns off
             continue

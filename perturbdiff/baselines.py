@@ -86,7 +86,7 @@ def baseline_cells(name: str, conditions, controls: dict, train: dict | None, co
         control_label: the perturbation name of control cells.
         features: perturbation name -> feature vector (``nearest_neighbour``).
     """
-    from .features import COMBINATION_SEP
+    from .features import parts
 
     if name in FEATURE_BASELINES and not features:
         raise ValueError(f"baseline {name} needs perturbation features")
@@ -110,9 +110,9 @@ def baseline_cells(name: str, conditions, controls: dict, train: dict | None, co
                 nu = sum(tr["sums"][k] for k in keys) / sum(tr["counts"][k] for k in keys)
                 shift = nu - ctrl_mean
         elif name == "additive_combination":
-            parts = [q.strip() for q in str(p).split(COMBINATION_SEP)] if COMBINATION_SEP in str(p) else []
-            effects = [_effect_in(tr, q, c, control_label) for q in parts if q in trained]
-            if parts and len(effects) == len(parts) and all(e is not None for e in effects):
+            singles = parts(p)
+            effects = [_effect_in(tr, q, c, control_label) for q in singles if q in trained]
+            if len(singles) > 1 and len(effects) == len(singles) and all(e is not None for e in effects):
                 shift = np.sum(effects, axis=0)
         elif name == "nearest_neighbour":
             neighbour = _nearest(p, features, trained)

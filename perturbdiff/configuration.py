@@ -85,6 +85,9 @@ class PerturbDiffConfig(PretrainedConfig):
             held-out group). Sampling keeps every x_0 estimate at or below it plus
             ``GENE_MAX_MARGIN`` (twice the gene's largest normalised count share): without that,
             a few cells ran off to "the whole cell is one gene" (docs/benchmarks.md).
+        trained_perturbations: the perturbations that had training cells (the trainer records
+            them; the vocabulary also holds held-out ones): prediction names the others it is
+            asked for as ``unseen_perturbations``.
     """
 
     model_type = "perturbdiff"
@@ -114,6 +117,7 @@ class PerturbDiffConfig(PretrainedConfig):
         control_label: str | None = "control",
         set_size: int | None = None,
         gene_max: Sequence[float] | None = None,
+        trained_perturbations: Sequence[str] | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -142,6 +146,7 @@ class PerturbDiffConfig(PretrainedConfig):
         self.control_label = control_label
         self.set_size = set_size
         self.gene_max = None if gene_max is None else [float(v) for v in gene_max]
+        self.trained_perturbations = None if trained_perturbations is None else sorted(map(str, trained_perturbations))
         self.initializer_range = initializer_range
         for name, kept in _REMOVED.items():  # options measurements rejected: refuse other values
             if name in kwargs and kwargs.pop(name) != kept:
@@ -186,7 +191,10 @@ class PerturbDiffConfig(PretrainedConfig):
         """The largest value sampling lets each gene take (model space): ``gene_max`` + the margin."""
         if self.gene_max is None:
             return None
-        margin = GENE_MAX_MARGIN / float(self.normalization.get("scale", 1.0) or 1.0)
+        norm = self.normalization
+        if not norm.get("log1p", True):  # a linear space: twice the largest value
+            return [2.0 * v for v in self.gene_max]
+        margin = GENE_MAX_MARGIN / float(norm.get("scale", 1.0) or 1.0)
         return [v + margin for v in self.gene_max]
 
     # ------------------------------------------------------------------ presets

@@ -375,9 +375,16 @@ def evaluate(
     """
     features = None
     if perturbation_features is not None:
+        from .features import check_table, compose, parts
+
         table = perturbation_features
         if not isinstance(table, pd.DataFrame):
             table = pd.DataFrame({str(k): np.asarray(v, dtype=np.float32) for k, v in table.items()}).T
+        table = check_table(table, "perturbation_features")
+        # the table's rows, and combinations composed by predict's rule (A+B: the sum of its parts)
+        names = pred.obs[perturbation_key if perturbation_key in pred.obs else "perturbation"].astype(str).unique()
+        combos = [n for n in names if n not in table.index and all(q in table.index for q in parts(n))]
+        table = pd.concat([table, compose(combos, table)]) if combos else table
         features = {str(k): row.to_numpy(np.float32) for k, row in table.iterrows()}
     if isinstance(baselines, str) and baselines == "auto":
         if train is None:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["COMBINATION_SEP", "read_table", "write_table", "compose", "go_annotations", "go_features",
+__all__ = ["COMBINATION_SEP", "parts", "read_table", "write_table", "compose", "go_annotations", "go_features",
            "coexpression_features", "model_gene_features", "morgan_features"]
 
 COMBINATION_SEP = "+"
@@ -94,6 +94,11 @@ def write_table(df: pd.DataFrame, path) -> Path:
     return path
 
 
+def parts(name: str, sep: str = COMBINATION_SEP) -> list[str]:
+    """The single perturbations of a combination ``A+B`` (``[name]`` for a single one)."""
+    return [p.strip() for p in str(name).split(sep)] if sep in str(name) else [str(name)]
+
+
 def compose(names: Iterable[str], table: pd.DataFrame, *, sep: str = COMBINATION_SEP,
             what: str = "the feature table") -> pd.DataFrame:
     """Rows for ``names``: a name's own row, or for ``A+B`` without one, the sum of its parts' rows.
@@ -106,12 +111,12 @@ def compose(names: Iterable[str], table: pd.DataFrame, *, sep: str = COMBINATION
         if name in table.index:
             rows.append(table.loc[name].to_numpy(np.float32))
             continue
-        parts = [p.strip() for p in name.split(sep)] if sep in name else [name]
-        absent = [p for p in parts if p not in table.index]
+        singles = parts(name, sep)
+        absent = [p for p in singles if p not in table.index]
         if absent:
-            missing.append(name if len(parts) == 1 else f"{name} (no {', '.join(absent)})")
+            missing.append(name if len(singles) == 1 else f"{name} (no {', '.join(absent)})")
             continue
-        rows.append(table.loc[parts].to_numpy(np.float32).sum(0))
+        rows.append(table.loc[singles].to_numpy(np.float32).sum(0))
     if missing:
         raise ValueError(f"{len(missing)} perturbation(s) have no features in {what}: {', '.join(missing[:20])}"
                          + (" ..." if len(missing) > 20 else ""))

@@ -92,6 +92,11 @@ class CovariateEmbedder(nn.Module):
         self.batch = nn.Embedding(config.num_ids("batch"), d)
         self.dose = Mlp(1, d, d) if config.use_dose else None
         self.features = Mlp(config.perturbation_feature_dim, d, d) if config.perturbation_feature_dim else None
+        # the feature rows the model was trained with, by perturbation id (the trainer fills it):
+        # prediction takes a vocabulary perturbation's features from here and refuses a table
+        # that disagrees with them
+        self.register_buffer("feature_table", torch.zeros(config.num_ids("perturbation"), config.perturbation_feature_dim)
+                             if config.perturbation_feature_dim else None)
 
     def forward(self, perturbation, context, batch, dose=None, features=None, drop=None) -> torch.Tensor:
         keep = None if drop is None else ~drop  # [B]

@@ -33,6 +33,7 @@ from .configuration import NULL_ID
 from .diffusion import GaussianDiffusion
 from .expression import (INPUT_SPACES, Normalization, decode_counts, detect_input_space, gene_columns, log1p_to_counts,
                          to_model_space)
+from .features import read_table
 from .files import atomic_write, read_h5ad
 from .modeling import PerturbDiffModel
 from .objective import sample_sets
@@ -274,7 +275,9 @@ class PerturbDiffPipeline:
             "num_clipped_values": num_clipped,
             "integer_counts": decode,
             # perturbations the model never saw, predicted from their features alone
-            "unseen_perturbations": sorted({str(p) for p in conds["perturbation"]} - set(cfg.perturbation_names)),
+            "unseen_perturbations": sorted({str(p) for p in conds["perturbation"]}
+                                           - set(cfg.trained_perturbations if cfg.trained_perturbations is not None
+                                                 else cfg.perturbation_names)),
             "conditions": conditions_table,
         }}
         X = np.concatenate(blocks).astype(np.float32, copy=False)
@@ -329,11 +332,7 @@ class PerturbDiffPipeline:
         if features is not None and not F:
             raise ValueError("perturbation features given but the model takes none (perturbation_feature_dim = 0)")
         names = list(dict.fromkeys(conds["perturbation"]))
-        if F and features is None:
-            raise ValueError(f"the model knows perturbations by their features (perturbation_feature_dim = {F}): give "
-                             "the feature table (--perturbation-features; the one it was trained with) for "
-                             f"{names[:10]}")
-        feats = feature_table(features, F, names) if F else {}  # every name needs features (or a name error)
+        feats = self._features(names, features) if F else {}
         known = set(cfg.perturbation_names)
         unknown = sorted({p for p in names if p not in known and p not in feats})
         if unknown:
@@ -360,6 +359,32 @@ class PerturbDiffPipeline:
             raise ValueError("doses must be >= 0")
         feature_list = [torch.from_numpy(feats[p])[None] if p in feats else None for p in conds["perturbation"]]
         return ids, feature_list
+
+    def _features(self, names: list, features) -> dict:
+        """Feature vectors of ``names``: the model's own rows for its vocabulary, the given table for
+        the others; a table that disagrees with the model's rows is an error."""
+        from .features import check_table
+
+        cfg = self.config
+        stored = self.model.covariate_embedder.feature_table.detach().float().cpu().numpy()
+        own = {n: stored[i] for i, n in enumerate(cfg.perturbation_names, start=1) if n != cfg.control_label}
+        need = [n for n in names if n not in own]
+        if need and features is None:
+            raise ValueError(f"the model knows perturbations by their features and has none for {need[:10]}: give "
+                             "a feature table with rows for them (--perturbation-features)")
+        if features is not None:
+            table = features if isinstance(features, pd.DataFrame) else None
+            if table is not None:
+                table = check_table(table, "the perturbation features")
+                shared = [n for n in table.index if n in own]
+                if shared and table.shape[1] == stored.shape[1]:
+                    diff = [n for n in shared if not np.allclose(table.loc[n].to_numpy(), own[n], rtol=1e-4, atol=1e-5)]
+                    if diff:
+                        raise ValueError(f"the perturbation features differ from the rows the model was trained with "
+                                         f"for {len(diff)} of {len(shared)} perturbations (e.g. {diff[:5]}): a table "
+                                         "from another source, version or run; use the training table")
+        given = feature_table(features, cfg.perturbation_feature_dim, need) if need else {}
+        return {**{n: own[n] for n in names if n in own}, **given}
 
     # ------------------------------------------------------------------ control cells
     def _control_pool(self, control, *, perturbation_key, context_key, batch_key, control_label, gene_key,
@@ -552,10 +577,7 @@ def _run(args) -> int:
     if not args.conditions and (args.perturbation is None or args.context is None):
         raise ValueError("give --conditions TABLE or both --perturbation and --context")
     conditions = read_conditions(args.conditions) if args.conditions else None
-    features = None
-    if args.perturbation_features:
-        sep = "\t" if Path(args.perturbation_features).suffix.lower() in (".tsv", ".tab") else ","
-        features = pd.read_csv(args.perturbation_features, sep=sep, index_col=0)
+    features = read_table(args.perturbation_features) if args.perturbation_features else None
     pipe = PerturbDiffPipeline.from_pretrained(args.model, device=args.device)
     control = read_h5ad(args.control, "--control")
     pred = pipe.predict(

@@ -348,20 +348,23 @@ def test_a_feature_model_predicts_unseen_perturbations_from_their_features(tmp_p
     config = pdiff.PerturbDiffConfig.from_preset(
         "debug", gene_names=GENES, perturbation_names=["control", "IFNB", "TNF"],
         context_names=["T cell", "monocyte"], batch_names=["donor1", "donor2"], perturbation_feature_dim=3,
+        trained_perturbations=["IFNB"],  # TNF is in the vocabulary but was held out
     )
     torch.manual_seed(0)
     model = pdiff.PerturbDiffModel(config)
+    table = pd.DataFrame([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 3.0]], index=["IFNB", "TNF", "KRAS"])
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "adaLN_modulation" in name:
                 p.normal_(0, 0.05)
+        model.covariate_embedder.feature_table[2:] = torch.tensor(table.loc[["IFNB", "TNF"]].to_numpy())  # as trained
     model.save_pretrained(tmp_path / "model")
     pipe = PerturbDiffPipeline.from_pretrained(tmp_path / "model", device="cpu")
     control = make_control()
-    table = pd.DataFrame([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 3.0]], index=["IFNB", "TNF", "KRAS"])
-    out = predict(pipe, control, perturbation=["KRAS", "IFNB+TNF", "IFNB"], context="T cell", batch="donor1",
+    out = predict(pipe, control, perturbation=["KRAS", "IFNB+TNF", "IFNB", "TNF"], context="T cell", batch="donor1",
                   perturbation_features=table, seed=1)
-    assert out.uns["perturbdiff"]["unseen_perturbations"] == ["IFNB+TNF", "KRAS"]  # said, not silent
+    # said, not silent: TNF had no training cells, KRAS and the combination are outside the vocabulary
+    assert out.uns["perturbdiff"]["unseen_perturbations"] == ["IFNB+TNF", "KRAS", "TNF"]
     # a combination is its parts' sum: the same cells as a perturbation whose row is that sum
     summed = pd.DataFrame([[1.0, 1.0, 0]], index=["IFNB+TNF"])
     again = predict(pipe, control, perturbation="IFNB+TNF", context="T cell", batch="donor1",
@@ -369,12 +372,19 @@ def test_a_feature_model_predicts_unseen_perturbations_from_their_features(tmp_p
     np.testing.assert_allclose(out[out.obs["perturbation"] == "IFNB+TNF"].X, again.X, rtol=1e-5, atol=1e-5)
     kras, ifnb = (out[out.obs["perturbation"] == p].X for p in ("KRAS", "IFNB"))
     assert not np.allclose(kras, ifnb)
-    with pytest.raises(ValueError, match=r"knows perturbations by their features .*--perturbation-features"):
-        predict(pipe, control, perturbation="IFNB", context="T cell")
+    # the vocabulary's rows travel with the model: no table needed for them, the same cells
+    own = predict(pipe, control, perturbation="IFNB", context="T cell", batch="donor1", seed=1)
+    np.testing.assert_allclose(own.X, ifnb, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"has none for \['KRAS'\]: give a feature table"):
+        predict(pipe, control, perturbation="KRAS", context="T cell")
+    other = table.copy()
+    other.loc["IFNB"] = [0.5, 0.5, 0]  # a table from another source
+    with pytest.raises(ValueError, match=r"differ from the rows the model was trained with for 1 of 2 .*IFNB"):
+        predict(pipe, control, perturbation="KRAS", context="T cell", perturbation_features=other)
     with pytest.raises(ValueError, match=r"have no features in the perturbation features: MYC, KRAS\+MYC \(no MYC\)"):
         predict(pipe, control, perturbation=["MYC", "KRAS+MYC"], context="T cell", perturbation_features=table)
     with pytest.raises(ValueError, match=r"have 2 values per perturbation, the model takes 3"):
-        predict(pipe, control, perturbation="IFNB", context="T cell", perturbation_features=table.iloc[:, :2])
+        predict(pipe, control, perturbation="KRAS", context="T cell", perturbation_features=table.iloc[:, :2])
 
 
 def test_population_spread_says_how_far_the_predicted_populations_differ(pipe):

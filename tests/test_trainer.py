@@ -261,9 +261,18 @@ def test_finetune_with_perturbation_features_predicts_a_perturbation_never_train
     assert "perturbation features: 6 per perturbation for 3 perturbation(s)" in proc.stdout
     assert "features.csv" in (out / "model" / "README.md").read_text()
     pipe = PerturbDiffPipeline.from_pretrained(out / "model")
-    assert pipe.config.perturbation_feature_dim == 6
+    c = pipe.config
+    assert c.perturbation_feature_dim == 6 and c.trained_perturbations == ["PERT0", "PERT2"]
+    # the training rows travel with the weights, by perturbation id
+    stored = pipe.model.covariate_embedder.feature_table.numpy()
+    for name in ("PERT0", "PERT1", "PERT2"):
+        np.testing.assert_allclose(stored[int(c.encode("perturbation", [name])[0])], table.loc[name], rtol=1e-5)
     control = screen[screen.obs["perturbation"] == "control"].copy()
     pred = pipe.predict(control, perturbation=["PERT1", "NEWP"], context="celltype0", perturbation_features=table,
                         context_key="cell_type", num_steps=2, progress=False)
-    assert pred.uns["perturbdiff"]["unseen_perturbations"] == ["NEWP"]
+    assert pred.uns["perturbdiff"]["unseen_perturbations"] == ["NEWP", "PERT1"]  # PERT1 was held out entirely
     assert np.isfinite(pred.X).all() and set(pred.obs["perturbation"]) == {"PERT1", "NEWP"}
+    # a feature model trained without a table would learn ids and predict from untrained features
+    proc = subprocess.run([*base, "--output-dir", str(tmp_path / "nofeat"), "model.overrides.perturbation_feature_dim=6", *held],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "takes 6 perturbation features" in proc.stderr and "no table was given" in proc.stderr

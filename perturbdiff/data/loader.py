@@ -416,21 +416,31 @@ class CellSetDataset(IterableDataset):
         csr = parts[0] if len(parts) == 1 else concat_csr(parts)
         return csr if take is None else take_rows(*csr, take)
 
-    def gene_maxima(self, max_cells: int = 4096) -> tuple[np.ndarray, int]:
+    def split_perturbations(self) -> list[str]:
+        """The perturbation names of this split's groups (conditional mode: the perturbed ones)."""
+        names = {str(src.groups["perturbation"].iat[int(g)]) for src, base in zip(self.sources, self._base)
+                 for g in np.unique(base[:, 0])}
+        return sorted(names)
+
+    def gene_maxima(self, max_cells: int = 4096, budget: int = 500_000) -> tuple[np.ndarray, int]:
         """Each vocabulary gene's largest normalised value over this split's groups and every control
         group (the model's space; what `PerturbDiffConfig.gene_max` records).
 
-        Each group contributes its first ``max_cells`` rows (the builder shuffles cells within
-        groups: a random subset). Groups held out of this split are never read.
+        Each group contributes its first rows (the builder shuffles cells within groups: a random
+        subset), up to ``max_cells``, and fewer in proportion to its size when the groups hold more
+        than ``budget`` cells together. Groups held out of this split are never read.
 
         Returns:
             float32 [G] maxima (0 for a gene never seen expressed) and the number of cells read.
         """
         out, read = np.zeros(self.num_genes, dtype=np.float32), 0
-        for src, base in zip(self.sources, self._base):
-            gids = set(np.unique(base[:, 0]).tolist()) | set(np.flatnonzero(src.is_control & (src.size > 0)).tolist())
-            for gid in sorted(gids):
-                n = int(min(src.size[gid], max_cells))
+        chosen = [(src, sorted(set(np.unique(base[:, 0]).tolist()) | set(np.flatnonzero(src.is_control & (src.size > 0)).tolist())))
+                  for src, base in zip(self.sources, self._base)]
+        total = sum(int(src.size[g].sum()) for src, g in chosen if g)
+        share = min(1.0, budget / max(total, 1))
+        for src, gids in chosen:
+            for gid in gids:
+                n = int(min(src.size[gid], max_cells, max(1, np.ceil(src.size[gid] * share))))
                 start = int(src.start[gid])
                 _, cols, values = self._normalise([(src.atlas.read_rows(start, start + n), src)])
                 np.maximum.at(out, cols, values)

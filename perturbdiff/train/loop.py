@@ -117,9 +117,14 @@ class Trainer:
             model = model_factory(data_vocab)
         else:
             model = PerturbDiffModel(PerturbDiffConfig.from_preset(cfg.model.preset, **{**data_vocab, **cfg.model.overrides}))
+        self.feature_matrix = self._feature_matrix(model.config)
+        if self.feature_matrix is not None:  # the rows travel with the weights (prediction checks tables against them)
+            model.covariate_embedder.feature_table.copy_(torch.from_numpy(self.feature_matrix))
         self.train_data, self.val_data = self._build_loaders(atlases, model.config, data_vocab)
         # what prediction needs to know of the training data travels in the export's config.json
         model.config.set_size = data.set_size
+        if self.cfg.train.objective == "conditional":
+            model.config.trained_perturbations = self.train_data.dataset.split_perturbations()
         maxima, cells = self.train_data.dataset.gene_maxima()
         model.config.gene_max = [float(v) for v in maxima]  # sampling keeps each gene in its range
         self._print(f"gene ranges: the largest value of each gene over {cells:,} training and control cells "
@@ -199,7 +204,7 @@ class Trainer:
         if self.cfg.train.objective != "conditional":
             raise ValueError("data.perturbation_features needs train.objective: conditional (marginal sets have "
                              "no perturbation)")
-        controls = {a.control_label for a in atlases if a.control_label}
+        controls = {str(p) for a in atlases for p in a.groups.loc[a.groups["is_control"], "perturbation"]}
         table = compose([n for n in names if n not in controls], read_table(path), what=f"data.perturbation_features {path}")
         self.feature_table = table
         self._print(f"perturbation features: {table.shape[1]} per perturbation for {len(table)} perturbation(s), "
@@ -239,7 +244,7 @@ class Trainer:
                       mode="conditional" if conditional else "marginal", held_out=spec, rank=self.rank,
                       world_size=self.world_size, sparse=self._sparse_batches(data.sparse_batches),
                       pair_controls=conditional and config.paired_control,
-                      perturbation_features=self._feature_matrix(config))
+                      perturbation_features=self.feature_matrix)
         train_set = CellSetDataset(atlases, split="train", seed=train.seed, drop_last=True, return_set_ids=True, **common)
         if len(train_set) == 0:
             raise ValueError(
@@ -259,6 +264,10 @@ class Trainer:
     def _feature_matrix(self, config: PerturbDiffConfig):
         """The feature table as [perturbation ids, F] in the model's vocabulary (zeros: null, controls)."""
         if self.feature_table is None:
+            if config.perturbation_feature_dim:  # a feature model trained on ids would predict from untrained features
+                raise ValueError(f"the model takes {config.perturbation_feature_dim} perturbation features "
+                                 "(model.overrides or its base model) but no table was given: pass "
+                                 "--perturbation-features / data.perturbation_features")
             return None
         if config.perturbation_feature_dim != self.feature_table.shape[1]:
             raise ValueError(f"the model takes {config.perturbation_feature_dim} perturbation features, "
