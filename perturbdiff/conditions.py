@@ -113,21 +113,9 @@ def feature_table(features, dim: int, names) -> dict[str, np.ndarray]:
     """Feature vectors [dim] of the perturbations ``names`` from a table (a mapping or a DataFrame
     indexed by name), by `perturbdiff.features.compose`'s rule (``A+B``: the sum of its parts);
     a name without features, a wrong width or a non-finite value is an error naming it."""
-    from .features import check_table, compose
+    from .features import as_table, compose
 
-    if isinstance(features, pd.DataFrame):
-        table = features
-    else:
-        items = {str(k): np.asarray(v, dtype=np.float32).ravel() for k, v in features.items()}
-        widths = {k: v.size for k, v in items.items() if v.size != dim}
-        if widths:
-            name, size = next(iter(widths.items()))
-            raise ValueError(f"perturbation features for {name!r} have {size} values, the model takes {dim}")
-        table = pd.DataFrame(np.stack(list(items.values())) if items else np.zeros((0, dim)), index=list(items))
-    table = check_table(table, "the perturbation features")
-    if table.shape[1] != dim:
-        raise ValueError(f"the perturbation features have {table.shape[1]} values per perturbation, the model takes {dim}")
-    rows = compose(names, table, what="the perturbation features")
+    rows = compose(names, as_table(features, dim), what="the perturbation features")
     return {name: rows.loc[name].to_numpy(np.float32) for name in rows.index}
 
 

@@ -39,7 +39,7 @@ import torch
 
 from .baselines import BASELINES, TRAIN_BASELINES, baseline_cells, train_stats
 from .expression import Normalization, detect_input_space, gene_columns, to_model_space
-from .features import read_table
+from .features import as_table, compose, parts, read_table
 from .files import atomic_write, read_h5ad
 from .losses import energy_distance
 from .metrics import DISCRIMINATION, discrimination, r2, realism
@@ -373,16 +373,11 @@ def evaluate(
         perturbation_features: perturbation name -> feature vector (a mapping or a DataFrame indexed
             by name: a `perturbdiff.features` table), for ``nearest_neighbour``.
     """
+    names = pred.obs[perturbation_key if perturbation_key in pred.obs else "perturbation"].astype(str).unique()
     features = None
     if perturbation_features is not None:
-        from .features import check_table, compose, parts
-
-        table = perturbation_features
-        if not isinstance(table, pd.DataFrame):
-            table = pd.DataFrame({str(k): np.asarray(v, dtype=np.float32) for k, v in table.items()}).T
-        table = check_table(table, "perturbation_features")
+        table = as_table(perturbation_features, what="perturbation_features")
         # the table's rows, and combinations composed by predict's rule (A+B: the sum of its parts)
-        names = pred.obs[perturbation_key if perturbation_key in pred.obs else "perturbation"].astype(str).unique()
         combos = [n for n in names if n not in table.index and all(q in table.index for q in parts(n))]
         table = pd.concat([table, compose(combos, table)]) if combos else table
         features = {str(k): row.to_numpy(np.float32) for k, row in table.iterrows()}
@@ -390,10 +385,8 @@ def evaluate(
         if train is None:
             baselines = ("control_mean",)
         else:
-            from .features import COMBINATION_SEP
-
-            names = pred.obs[perturbation_key if perturbation_key in pred.obs else "perturbation"].astype(str)
-            baselines = (*BASELINES[:4], *(["additive_combination"] if names.str.contains(COMBINATION_SEP, regex=False).any() else []),
+            combination = any(len(parts(n)) > 1 for n in names)
+            baselines = (*BASELINES[:4], *(["additive_combination"] if combination else []),
                          *(["nearest_neighbour"] if features else []))
     elif isinstance(baselines, str):
         baselines = (baselines,)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["COMBINATION_SEP", "parts", "read_table", "write_table", "compose", "go_annotations", "go_features",
+__all__ = ["COMBINATION_SEP", "parts", "as_table", "check_table", "read_table", "write_table", "compose", "go_annotations", "go_features",
            "coexpression_features", "model_gene_features", "morgan_features"]
 
 COMBINATION_SEP = "+"
@@ -73,6 +73,23 @@ def check_table(df: pd.DataFrame, where: str = "the feature table") -> pd.DataFr
         rows = df.index[~np.isfinite(values).all(1)]
         raise ValueError(f"{where}: non-finite features for {list(rows[:10])}")
     return pd.DataFrame(values, index=df.index.astype(str), columns=[str(c) for c in df.columns])
+
+
+def as_table(features, dim: int | None = None, what: str = "the perturbation features") -> pd.DataFrame:
+    """A checked feature table (`check_table`) from a DataFrame indexed by name or a mapping name ->
+    vector; with ``dim``, every row must have that many values (the model's width)."""
+    if not isinstance(features, pd.DataFrame):
+        items = {str(k): np.asarray(v, dtype=np.float32).ravel() for k, v in features.items()}
+        width = dim if dim is not None else next((v.size for v in items.values()), 0)
+        for name, v in items.items():
+            if v.size != width:
+                raise ValueError(f"perturbation features for {name!r} have {v.size} values, "
+                                 + (f"the model takes {dim}" if dim is not None else f"other rows {width}"))
+        features = pd.DataFrame(np.stack(list(items.values())) if items else np.zeros((0, width)), index=list(items))
+    table = check_table(features, what)
+    if dim is not None and table.shape[1] != dim:
+        raise ValueError(f"{what} have {table.shape[1]} values per perturbation, the model takes {dim}")
+    return table
 
 
 def write_table(df: pd.DataFrame, path) -> Path:

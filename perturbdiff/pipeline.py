@@ -363,7 +363,7 @@ class PerturbDiffPipeline:
     def _features(self, names: list, features) -> dict:
         """Feature vectors of ``names``: the model's own rows for its vocabulary, the given table for
         the others; a table that disagrees with the model's rows is an error."""
-        from .features import check_table
+        from .features import as_table
 
         cfg = self.config
         stored = self.model.covariate_embedder.feature_table.detach().float().cpu().numpy()
@@ -372,18 +372,16 @@ class PerturbDiffPipeline:
         if need and features is None:
             raise ValueError(f"the model knows perturbations by their features and has none for {need[:10]}: give "
                              "a feature table with rows for them (--perturbation-features)")
-        if features is not None:
-            table = features if isinstance(features, pd.DataFrame) else None
-            if table is not None:
-                table = check_table(table, "the perturbation features")
-                shared = [n for n in table.index if n in own]
-                if shared and table.shape[1] == stored.shape[1]:
-                    diff = [n for n in shared if not np.allclose(table.loc[n].to_numpy(), own[n], rtol=1e-4, atol=1e-5)]
-                    if diff:
-                        raise ValueError(f"the perturbation features differ from the rows the model was trained with "
-                                         f"for {len(diff)} of {len(shared)} perturbations (e.g. {diff[:5]}): a table "
-                                         "from another source, version or run; use the training table")
-        given = feature_table(features, cfg.perturbation_feature_dim, need) if need else {}
+        if features is None:
+            return {n: own[n] for n in names}
+        table = as_table(features, cfg.perturbation_feature_dim)
+        shared = [n for n in table.index if n in own]
+        diff = [n for n in shared if not np.allclose(table.loc[n].to_numpy(), own[n], rtol=1e-4, atol=1e-5)]
+        if diff:
+            raise ValueError(f"the perturbation features differ from the rows the model was trained with "
+                             f"for {len(diff)} of {len(shared)} perturbations (e.g. {diff[:5]}): a table "
+                             "from another source, version or run; use the training table")
+        given = feature_table(table, cfg.perturbation_feature_dim, need) if need else {}
         return {**{n: own[n] for n in names if n in own}, **given}
 
     # ------------------------------------------------------------------ control cells
