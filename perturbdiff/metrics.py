@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DISCRIMINATION", "UNDEFINED_WHY", "discrimination", "r2", "realism"]
+__all__ = ["DISCRIMINATION", "UNDEFINED_WHY", "discrimination", "r2", "realism", "population_spread"]
 
 # Why a metric can have no value, said wherever it is shown undefined (summary, plots).
 UNDEFINED_WHY = {
@@ -61,3 +61,20 @@ def realism(x: np.ndarray, real: np.ndarray, target_sum: float) -> dict:
     return dict(zero_fraction_gap=float(abs((x == 0).mean() - (real == 0).mean())),
                 total_ratio=float(np.median(totals) / target_sum) if len(x) else float("nan"),
                 above_real_max=float((x > real.max(0, initial=0.0) + 1e-6).mean()) if len(x) else float("nan"))
+
+
+def population_spread(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """How far the K predicted populations of one condition differ: ``values`` [K, n, G].
+
+    Returns the per-gene sd of the K population means [G]; their root-mean-square over genes (the
+    condition's *population spread*); and the spread that n cells drawn from one population would
+    show by chance alone (the root-mean-square over genes of sqrt(within-population variance / n)),
+    which a spread must exceed to say the populations differ. NaN for K = 1.
+    """
+    K, n, G = values.shape
+    if K < 2:
+        return np.full(G, np.nan, np.float32), float("nan"), float("nan")
+    v = values.astype(np.float64)
+    sd = v.mean(1).std(0, ddof=1)
+    noise = np.sqrt(v.var(1, ddof=1).mean(0) / n) if n > 1 else np.zeros(G)
+    return sd.astype(np.float32), float(np.sqrt(np.mean(sd**2))), float(np.sqrt(np.mean(noise**2)))

@@ -35,6 +35,7 @@ from .expression import (INPUT_SPACES, Normalization, decode_counts, detect_inpu
                          to_model_space)
 from .features import read_table
 from .files import atomic_write, read_h5ad
+from .metrics import population_spread
 from .modeling import PerturbDiffModel
 from .objective import sample_sets
 
@@ -56,23 +57,6 @@ def _resolve_key(obs: pd.DataFrame, given: str | None, default: str, flag: str) 
 
 
 # --------------------------------------------------------------------------- the pipeline
-def population_spread(values: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """How far the K predicted populations of one condition differ: ``values`` [K, n, G].
-
-    Returns the per-gene sd of the K population means [G]; their root-mean-square over genes (the
-    condition's *population spread*); and the spread that n cells drawn from one population would
-    show by chance alone (the root-mean-square over genes of sqrt(within-population variance / n)),
-    which a spread must exceed to say the populations differ. NaN for K = 1.
-    """
-    K, n, G = values.shape
-    if K < 2:
-        return np.full(G, np.nan, np.float32), float("nan"), float("nan")
-    v = values.astype(np.float64)
-    sd = v.mean(1).std(0, ddof=1)
-    noise = np.sqrt(v.var(1, ddof=1).mean(0) / n) if n > 1 else np.zeros(G)
-    return sd.astype(np.float32), float(np.sqrt(np.mean(sd**2))), float(np.sqrt(np.mean(noise**2)))
-
-
 class PerturbDiffPipeline:
     """Predicts perturbed cell populations from control cells with a trained PerturbDiff model.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluation import HEADLINE_METRICS
-from .metrics import UNDEFINED_WHY
+from .metrics import UNDEFINED_WHY, population_spread
 from .files import atomic_write
 
 __all__ = ["summary_text", "write_plots"]
@@ -153,8 +153,6 @@ def write_plots(out: Path, data, methods, per_condition, aggregate, pca, model_n
     plt.close(fig)
 
     # 4. With several predicted populations: how far their means differ, per condition.
-    from .pipeline import population_spread
-
     spreads = {k: population_spread(np.stack(pops))[1:] for k, pops in methods[model_name][1].items()
                if len(pops) > 1 and len({len(x) for x in pops}) == 1}
     if spreads:
