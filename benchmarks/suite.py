@@ -118,34 +118,31 @@ def _top_variable(adata, n: int):
     return adata[:, flags].copy()
 
 
-def _perturbench():
+def _perturbench_devel(part: str, keep=None):
+    """One dataset of PerturBench devel (``mcfaline23``: the glioma lines, ``norman19``: K562 CRISPRa)
+    as counts, optionally only the cells whose perturbation passes ``keep``."""
     import anndata as ad
     import scipy.sparse as sp
 
     from perturbdiff.expression import log1p_to_counts
 
     adata = ad.read_h5ad(SHARED_DATA / "perturbench_devel.h5ad")
-    adata = adata[adata.obs["dataset"].astype(str) == "mcfaline23"].copy()  # the glioma lines
+    adata = adata[adata.obs["dataset"].astype(str) == part].copy()
     adata.obs = adata.obs[["perturbation", "cell_type"]].astype(str)
+    if keep is not None:
+        adata = adata[keep(adata.obs["perturbation"]).to_numpy()].copy()
     adata.X, _ = log1p_to_counts(sp.csr_matrix(adata.X))  # X is log1p over the whole transcriptome
     return adata
 
 
+def _perturbench():
+    return _perturbench_devel("mcfaline23")
+
+
 def _norman(doubles: bool):
     """PerturBench devel's Norman 2019 part (CRISPRa in K562); without ``doubles`` only the singles."""
-    import anndata as ad
-    import scipy.sparse as sp
-
-    from perturbdiff.expression import log1p_to_counts
-
-    adata = ad.read_h5ad(SHARED_DATA / "perturbench_devel.h5ad")
-    adata = adata[adata.obs["dataset"].astype(str) == "norman19"].copy()
-    adata.obs = adata.obs[["perturbation", "cell_type"]].astype(str)
-    names = adata.obs["perturbation"]
-    keep = (names == "control") | names.isin(_NORMAN_SINGLES) | (doubles & names.str.contains("+", regex=False))
-    adata = adata[keep.to_numpy()].copy()
-    adata.X, _ = log1p_to_counts(sp.csr_matrix(adata.X))
-    return adata
+    return _perturbench_devel("norman19", keep=lambda names: (names == "control") | names.isin(_NORMAN_SINGLES)
+                              | (doubles & names.str.contains("+", regex=False)))
 
 
 def _glioblastoma():
@@ -300,7 +297,8 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
 
     fold = ds.folds[fold_index]
     name = _variant_name(ds, source)
-    features = _features(ds, screen, source, out / ds.name / f"features_{source}.csv")
+    feature_path = out / ds.name / f"features_{source}.csv"
+    features = _features(ds, screen, source, feature_path)
     run_dir = out / name / f"fold{fold_index}" / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -321,7 +319,7 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
         "--heldout-contexts", *fold[0], "--heldout-perturbations", *fold[1], "--overwrite",
         "data.val_fraction=0", "train.val_every=0", "train.save_every=0", "train.tracker=none",
         *(["--preset", args.preset] if args.preset else []), *args.override,
-        *(["--perturbation-features", str((out / ds.name / f"features_{source}.csv").resolve())] if features is not None else []),
+        *(["--perturbation-features", str(feature_path.resolve())] if features is not None else []),
     ]
     model_dir = run_dir / "model_run" / "model"
     # a model this exact command finished earlier is reused (an interrupted suite resumes mid-run)
