@@ -296,11 +296,10 @@ def coexpression_features(source, *, dim: int = 32, control_label: str | None = 
         source: an atlas (its control groups are read) or an ``.h5ad`` (cells whose
             ``perturbation_key`` is ``control_label``; every cell when the column is absent).
     """
-    from .expression import Normalization, detect_input_space, normalize_csr, to_model_space
+    from .expression import Normalization, detect_input_space, to_model_space
 
     source = Path(source)
     rng = np.random.default_rng(seed)
-    norm = Normalization(target_sum=1e4, log1p=True, scale=1.0)
     if source.suffix == ".h5ad":
         import anndata as ad
 
@@ -313,7 +312,6 @@ def coexpression_features(source, *, dim: int = 32, control_label: str | None = 
                 raise ValueError(f"{source}: no cells with {perturbation_key} == {control_label!r}")
         X = adata.X[np.sort(rng.choice(adata.n_obs, min(max_cells, adata.n_obs), replace=False))]
         space = detect_input_space(X, what=f"{source} X")
-        values, _ = to_model_space(X, np.arange(X.shape[1]), space, norm)
         genes = list(adata.var_names.astype(str))
     else:
         from .data import Atlas
@@ -325,18 +323,15 @@ def coexpression_features(source, *, dim: int = 32, control_label: str | None = 
         # each control group's first rows (the builder shuffles cells within groups), in proportion
         sizes = (ctrl["stop"] - ctrl["start"]).to_numpy()
         take = np.maximum(1, np.floor(sizes * min(1.0, max_cells / sizes.sum()))).astype(int)
-        parts = [atlas.read_rows(int(a), int(a) + int(n)) for a, n in zip(ctrl["start"], take)]
-        values = np.concatenate([_dense(*part, atlas.num_genes, norm, normalize_csr) for part in parts])
+        blocks = [atlas.read_rows(int(a), int(a) + int(n)) for a, n in zip(ctrl["start"], take)]
+        X = sp.vstack([sp.csr_matrix((d, i, ip), shape=(len(ip) - 1, atlas.num_genes)) for ip, i, d in blocks])
+        space = "counts"
         genes = list(map(str, atlas.gene_names))
+    values, _ = to_model_space(X, np.arange(X.shape[1]), space, Normalization(target_sum=1e4, log1p=True, scale=1.0))
     values = values - values.mean(0, keepdims=True)
     # a gene's vector: its loadings on the cells' principal axes (the right singular vectors of cells x genes)
     table = _svd_rows(sp.csr_matrix(values.T), dim, seed)
     return pd.DataFrame(table, index=pd.Index(genes, name="perturbation"), columns=[f"f{i}" for i in range(dim)])
-
-
-def _dense(indptr, indices, data, num_genes, norm, normalize_csr) -> np.ndarray:
-    values = normalize_csr(indptr, data, norm)
-    return sp.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, num_genes)).toarray()
 
 
 def model_gene_features(model_dir, *, dim: int = 32, seed: int = 0) -> pd.DataFrame:
