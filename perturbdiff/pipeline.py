@@ -258,7 +258,7 @@ class PerturbDiffPipeline:
             "num_missing_genes": int(info["missing_genes"]), "num_dropped_empty_cells": int(info["dropped"]),
             "num_clipped_values": num_clipped,
             "integer_counts": decode,
-            # perturbations the model never saw, predicted from their features alone
+            # perturbations without training cells (held out, or outside the vocabulary)
             "unseen_perturbations": sorted({str(p) for p in conds["perturbation"]}
                                            - set(cfg.trained_perturbations if cfg.trained_perturbations is not None
                                                  else cfg.perturbation_names)),
