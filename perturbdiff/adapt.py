@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .configuration import COVARIATES, PerturbDiffConfig
+from .configuration import COVARIATES, PerturbDiffConfig, check_hidden_covariates
 from .modeling import PerturbDiffModel
 
 __all__ = ["extend_vocabulary", "adapt_model", "adapt_pretrained", "FINETUNE_OVERRIDES"]
 
 # config fields a finetuning run may change on its base model (behaviour, not shapes or weights)
-FINETUNE_OVERRIDES = {"paired_control", "perturbation_shift", "perturbation_feature_dim"}
+FINETUNE_OVERRIDES = {"paired_control", "perturbation_shift", "perturbation_feature_dim", "set_noise"}
 
 
 def extend_vocabulary(base: Sequence[str], new: Sequence[str]) -> list[str]:
@@ -136,14 +136,16 @@ def adapt_model(
 def adapt_pretrained(base_dir, *, gene_names: Sequence[str], perturbation_names: Sequence[str],
                      context_names: Sequence[str], batch_names: Sequence[str], new_genes: str = "add",
                      overrides: dict | None = None, min_shared_genes: float = 0.5, seed: int = 0,
-                     perturbation_feature_dim: int | None = None, log=print) -> PerturbDiffModel:
+                     perturbation_feature_dim: int | None = None, hidden_covariates: Sequence[str] = (),
+                     log=print) -> PerturbDiffModel:
     """A saved model (``from_pretrained`` folder) adapted to a screen's genes and covariates.
 
     Base names keep their ids and learned rows; the screen's new perturbations, contexts and
     batches are appended; genes the base lacks are appended (``new_genes="add"``) or left out
     (``"drop"``). Only `FINETUNE_OVERRIDES` may change on a base model. Fewer than
     ``min_shared_genes`` of the base's genes in the screen is an error: what the base learned would
-    mostly not apply.
+    mostly not apply. ``hidden_covariates``: the covariates finetuning never tells the model
+    (``data.hidden_covariates``), recorded in its config.
     """
     from pathlib import Path
 
@@ -173,6 +175,7 @@ def adapt_pretrained(base_dir, *, gene_names: Sequence[str], perturbation_names:
         batch_names=extend_vocabulary(base_config.batch_names, batch_names),
         overrides=overrides, seed=seed,
     )
+    model.config.hidden_covariates = check_hidden_covariates(hidden_covariates)
     log(f"base model {base_dir}: genes {report['genes']['shared']} kept, {report['genes']['new']} added "
         f"({in_screen} of the base's {base_config.num_genes} genes are among "
         f"the screen's {len(set(gene_names))}); perturbations {report['perturbation']}, contexts {report['context']}, "

@@ -21,13 +21,15 @@ from transformers import PretrainedConfig
 
 from .expression import Normalization
 
-__all__ = ["PerturbDiffConfig", "MODEL_PRESETS", "COVARIATES", "NULL_ID", "encode_names"]
+__all__ = ["check_hidden_covariates", "PerturbDiffConfig", "MODEL_PRESETS", "COVARIATES", "NULL_ID", "encode_names"]
 
 NULL_ID = 0
 # How far above a gene's training maximum (log1p units) sampling lets it go: log 2, twice its
 # largest normalised count share.
 GENE_MAX_MARGIN = math.log(2.0)
 COVARIATES = ("perturbation", "context", "batch")
+# covariates a model can be trained without being told (`check_hidden_covariates`)
+HIDEABLE = ("context", "batch")
 
 # Named sizes. ``base`` is the paper's default (d=512, depth 8, 8 heads); ``debug`` is for tests.
 MODEL_PRESETS: dict[str, dict] = {
@@ -59,6 +61,8 @@ class PerturbDiffConfig(PretrainedConfig):
         perturbation_feature_dim: width F of optional per-perturbation feature vectors (gene
             embeddings, drug fingerprints); 0 disables them.
         num_train_timesteps, beta_schedule: the diffusion the model was trained with.
+        set_noise: the weight of the diffusion noise's per-set part, shared by a set's cells
+            (`perturbdiff.diffusion`): what lets sampled populations differ as real ones do.
         self_conditioning: the input carries a self-conditioning estimate (input width 2G).
         control_residual: add a learned per-gene gate times the control set's mean expression to
             the head's output (before its activation), so the network can predict the change from
@@ -88,6 +92,10 @@ class PerturbDiffConfig(PretrainedConfig):
         trained_perturbations: the perturbations that had training cells (the trainer records
             them; the vocabulary also holds held-out ones): prediction names the others it is
             asked for as ``unseen_perturbations``.
+        hidden_covariates: covariates ("context", "batch") the model was trained without being
+            told (their vocabulary is empty): each training set still came from one of them, so
+            the model learnt how populations vary across them, which ``num_populations`` samples;
+            prediction uses their values only to pick control cells.
     """
 
     model_type = "perturbdiff"
@@ -109,6 +117,7 @@ class PerturbDiffConfig(PretrainedConfig):
         perturbation_feature_dim: int = 0,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "cosine",
+        set_noise: float = 0.0,
         self_conditioning: bool = True,
         control_residual: bool = True,
         paired_control: bool = False,
@@ -118,6 +127,7 @@ class PerturbDiffConfig(PretrainedConfig):
         set_size: int | None = None,
         gene_max: Sequence[float] | None = None,
         trained_perturbations: Sequence[str] | None = None,
+        hidden_covariates: Sequence[str] | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -138,6 +148,7 @@ class PerturbDiffConfig(PretrainedConfig):
         self.perturbation_feature_dim = perturbation_feature_dim
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
+        self.set_noise = float(set_noise)
         self.self_conditioning = self_conditioning
         self.control_residual = control_residual
         self.paired_control = bool(paired_control)
@@ -147,6 +158,7 @@ class PerturbDiffConfig(PretrainedConfig):
         self.set_size = set_size
         self.gene_max = None if gene_max is None else [float(v) for v in gene_max]
         self.trained_perturbations = None if trained_perturbations is None else sorted(map(str, trained_perturbations))
+        self.hidden_covariates = check_hidden_covariates(hidden_covariates or ())
         self.initializer_range = initializer_range
         for name, kept in _REMOVED.items():  # options measurements rejected: refuse other values
             if name in kwargs and kwargs.pop(name) != kept:
@@ -175,6 +187,8 @@ class PerturbDiffConfig(PretrainedConfig):
                 raise ValueError(f"{cov}_names has duplicates: {dup[:5]}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not (math.isfinite(self.set_noise) and self.set_noise >= 0):
+            raise ValueError(f"set_noise must be a finite number >= 0, got {self.set_noise}")
         if self.beta_schedule not in _BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {_BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.output_activation not in _OUTPUT_ACTIVATIONS:
@@ -246,6 +260,15 @@ class PerturbDiffConfig(PretrainedConfig):
             + (f" (e.g. {missing[:5]})" if missing else "")
             + ("; same genes in another order: reorder the data to the model's gene_names" if not missing and shared == self.num_genes == len(gene_names) else "")
         )
+
+
+def check_hidden_covariates(names) -> list[str]:
+    """The hidden covariates as a sorted list; anything but "context" / "batch" is an error."""
+    names = [names] if isinstance(names, str) else list(names or ())
+    bad = sorted({str(n) for n in names} - set(HIDEABLE))
+    if bad:
+        raise ValueError(f"hidden_covariates: {bad} cannot be hidden (only {list(HIDEABLE)})")
+    return sorted(set(map(str, names)))
 
 
 def encode_names(names: str | Iterable[str | None], vocabulary: Sequence[str], what: str,

@@ -5,6 +5,14 @@ No network lives here. Functional diffusion on the kernel mean embedding of a po
 per set: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. The model predicts x_0; samplers convert
 that to eps where they need it.
 
+*Set noise* (``set_noise`` s > 0): eps = (e + s u) / sqrt(1 + s^2), with e one draw per cell and
+gene and u one draw per set and gene, shared by the set's cells (the "offset noise" of image
+diffusion, with the set as the image). With independent noise only, a set's mean carries
+noise of size 1/sqrt(m) and a sampler barely varies it, so K sampled populations come out alike
+however much real populations differ (docs/benchmarks.md); the shared part gives each sampled
+set its own random start in its mean, which the model learns to turn into a population-level
+deviation where the training data have them.
+
 Timesteps are integers in [0, T-1]; t = T-1 is (almost) pure noise, and stepping "to t = -1"
 means reaching the clean sample (abar = 1).
 """
@@ -53,18 +61,34 @@ class GaussianDiffusion:
         beta_schedule: ``"cosine"`` or ``"linear"``.
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "cosine"):
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "cosine", set_noise: float = 0.0):
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        if not (np.isfinite(set_noise) and set_noise >= 0):
+            raise ValueError(f"set_noise must be a finite number >= 0, got {set_noise}")
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
+        self.set_noise = float(set_noise)
         self.betas = make_betas(beta_schedule, num_train_timesteps)
         self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - self.betas))  # float64 [T]
 
     @classmethod
     def from_config(cls, config) -> "GaussianDiffusion":
         """The diffusion a :class:`~perturbdiff.PerturbDiffConfig` was trained with."""
-        return cls(config.num_train_timesteps, config.beta_schedule)
+        return cls(config.num_train_timesteps, config.beta_schedule, getattr(config, "set_noise", 0.0))
+
+    def noise(self, shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32,
+              shared: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard-normal noise for sets [B, m, G], with the shared per-set part of ``set_noise``
+        (drawn per set, or ``shared`` [B, 1, G] when given: sets given the same rows are one
+        population's sets)."""
+        gen_device = generator.device if generator is not None else device
+        eps = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        if self.set_noise > 0 and len(shape) == 3:
+            if shared is None:
+                shared = torch.randn((shape[0], 1, shape[2]), generator=generator, device=gen_device, dtype=torch.float32)
+            eps = (eps + self.set_noise * shared.to(eps)) / math.sqrt(1.0 + self.set_noise**2)
+        return eps.to(device, dtype)
 
     # ------------------------------------------------------------------ schedule lookups
     def _abar(self, t, like: torch.Tensor) -> torch.Tensor:
@@ -141,6 +165,7 @@ class GaussianDiffusion:
         self_conditioning: bool = True,
         clamp: bool = True,
         clamp_max: torch.Tensor | None = None,
+        shared_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         device=None,
         dtype: torch.dtype = torch.float32,
@@ -159,6 +184,9 @@ class GaussianDiffusion:
             clamp: clamp x_0 estimates (and the result) to be non-negative.
             clamp_max: [G] largest value per gene of x_0 estimates (and the result), as DDPM clips
                 its estimates to the data range (the model's ``sample_ceiling``); None: no bound.
+            shared_noise: [B, 1, G], the per-set part of the starting noise (``set_noise`` > 0):
+                sets given the same rows start as one population (the pipeline's populations of
+                more cells than one set); later steps' fresh noise (eta > 0) is drawn per set.
         Returns:
             the generated clean sets [B, m, G].
         """
@@ -168,14 +196,13 @@ class GaussianDiffusion:
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
         if not (np.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-        gen_device = generator.device if generator is not None else device
 
         def randn():
-            return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
+            return self.noise(shape, generator, device, dtype)
 
         if clamp_max is not None:
             clamp_max = torch.as_tensor(clamp_max, device=device, dtype=dtype)
-        x = randn()
+        x = self.noise(shape, generator, device, dtype, shared=shared_noise)
         x0_prev = torch.zeros(shape, device=device, dtype=dtype) if self_conditioning else None
         ts = self.timesteps(num_steps)
         steps = range(len(ts))

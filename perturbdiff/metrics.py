@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DISCRIMINATION", "UNDEFINED_WHY", "discrimination", "r2", "realism", "population_spread"]
+__all__ = ["DISCRIMINATION", "UNDEFINED_WHY", "discrimination", "r2", "realism", "population_spread", "between_variance"]
 
 # Why a metric can have no value, said wherever it is shown undefined (summary, plots).
 UNDEFINED_WHY = {
@@ -78,3 +78,16 @@ def population_spread(values: np.ndarray) -> tuple[np.ndarray, float, float]:
     sd = v.mean(1).std(0, ddof=1)
     noise = np.sqrt(v.var(1, ddof=1).mean(0) / n) if n > 1 else np.zeros(G)
     return sd.astype(np.float32), float(np.sqrt(np.mean(sd**2))), float(np.sqrt(np.mean(noise**2)))
+
+
+def between_variance(means: np.ndarray, noise_var: np.ndarray) -> float:
+    """How much K populations' mean profiles (or mean shifts) ``means`` [K, G] vary beyond chance:
+    the mean over genes of their variance across populations minus ``noise_var`` [K, G] (or [G]),
+    the variance each mean has from sampling its cells alone (within-variance / n, summed over
+    the parts of a shift). The quantity calibration compares, predicted vs real; can be < 0 when
+    the populations differ less than their sampling noise. NaN for K < 2."""
+    means = np.asarray(means, np.float64)
+    if len(means) < 2:
+        return float("nan")
+    noise = np.asarray(noise_var, np.float64)
+    return float(np.mean(means.var(0, ddof=1) - (noise.mean(0) if noise.ndim == 2 else noise)))

@@ -111,9 +111,8 @@ def training_step(
     x0 = batch["x0"]
     B, device = x0.shape[0], x0.device
     t = diffusion.sample_timesteps(B, generator, device)
-    gen_device = generator.device if generator is not None else device
     control = batch.get("control")
-    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, x0.dtype)
+    noise = diffusion.noise(x0.shape, generator, device, x0.dtype)
     x_t = diffusion.add_noise(x0, noise, t)
 
     cond = {k: batch[k] for k in _COND_KEYS if batch.get(k) is not None}
@@ -154,6 +153,7 @@ def sample_sets(
     eta: float = 0.0,
     guidance_scale: float = 0.0,
     generator: torch.Generator | None = None,
+    shared_noise: torch.Tensor | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Generate predicted perturbed sets [B, m, G] given control sets and covariate ids.
@@ -161,6 +161,7 @@ def sample_sets(
     With ``control`` given, B and m come from it (one generated set per control set); without it,
     pass ``num_sets`` and ``num_cells``. The unconditional pass of guidance drops the covariates
     and keeps the control stream (the control population is the input, not a label).
+    ``shared_noise`` [B, 1, G]: the starting noise's per-set part (`GaussianDiffusion.sample`).
     """
     model_was_training = model.training
     model.eval()
@@ -201,7 +202,7 @@ def sample_sets(
         return diffusion.sample(
             denoise, shape, num_steps=num_steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
             self_conditioning=model.config.self_conditioning, generator=generator, device=device, dtype=dtype,
-            progress=progress, clamp_max=None if ceiling is None else torch.tensor(ceiling),
+            progress=progress, clamp_max=None if ceiling is None else torch.tensor(ceiling), shared_noise=shared_noise,
         )
     finally:
         model.train(model_was_training)

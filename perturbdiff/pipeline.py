@@ -282,6 +282,9 @@ class PerturbDiffPipeline:
         m, K, G = set_size, num_populations, pool_X.shape[1]
         n_sets = math.ceil(n_cells / m)
         idx = np.stack([draw_cells(rng, cells, n_cells, n_sets * m) for _ in range(K)]).reshape(K * n_sets, m)
+        shared = None
+        if self.diffusion.set_noise > 0:  # one population's sets start from one draw of the per-set noise
+            shared = torch.randn((K, 1, G), generator=gen, device=gen.device).repeat_interleave(n_sets, dim=0)
         preds = []
         for start in range(0, K * n_sets, batch_sets):
             chunk = torch.from_numpy(pool_X[idx[start : start + batch_sets]])  # [b, m, G] control sets
@@ -292,6 +295,7 @@ class PerturbDiffPipeline:
                 batch=ids["batch"].expand(b), dose=None if ids["dose"] is None else ids["dose"].expand(b),
                 perturbation_features=None if features is None else features.expand(b, -1),
                 num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, generator=gen,
+                shared_noise=None if shared is None else shared[start : start + b],
             )  # [b, m, G]
             preds.append(pred.float().cpu())
             if bar is not None:
@@ -327,13 +331,16 @@ class PerturbDiffPipeline:
             )
         pert_ids = torch.tensor([int(cfg.encode("perturbation", [p])[0]) if p in known else NULL_ID
                                  for p in conds["perturbation"]], dtype=torch.long)
+        hidden = set(cfg.hidden_covariates)
         ids = {
             "perturbation": pert_ids,
-            "context": cfg.encode("context", conds["context"].tolist()),
+            "context": cfg.encode("context", conds["context"].tolist()) if "context" not in hidden else None,
             # a model trained on one batch was conditioned on it: an unset batch means that one
             "batch": cfg.encode("batch", [b if b is not None or len(cfg.batch_names) != 1 else cfg.batch_names[0]
-                                          for b in conds["batch"]]),
+                                          for b in conds["batch"]]) if "batch" not in hidden else None,
         }
+        for name in hidden:  # never given to the model: its value only picks the control cells
+            ids[name] = torch.full((len(conds),), NULL_ID, dtype=torch.long)
         doses = conds["dose"].to_numpy()
         if not cfg.use_dose and np.isfinite(doses).any():
             raise ValueError("doses given but the model was built without doses (use_dose=False)")

@@ -79,3 +79,30 @@ def test_sampling_keeps_estimates_within_a_per_gene_ceiling():
     assert all((s <= ceiling + 1e-6).all() for s in seen)  # the estimates fed back were clamped
     free = d.sample(denoise, (2, 4, 3), num_steps=5, generator=torch.Generator().manual_seed(0))
     assert free.max() > 4
+
+
+def test_set_noise_shares_part_of_each_sets_noise_and_keeps_unit_variance():
+    """set_noise s: each element stays N(0, 1) but a set's cells share a part, so the set mean's
+    variance is (s^2 + 1/m) / (1 + s^2) instead of 1/m; s = 0 is plain randn (same draws)."""
+    B, m, G = 400, 32, 50
+    plain = pdiff.GaussianDiffusion().noise((B, m, G), torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randn((B, m, G), generator=torch.Generator().manual_seed(0)))
+    s = 1.0
+    eps = pdiff.GaussianDiffusion(set_noise=s).noise((B, m, G), torch.Generator().manual_seed(0))
+    assert abs(eps.var().item() - 1.0) < 0.02
+    for x, want in ((plain, 1 / m), (eps, (s**2 + 1 / m) / (1 + s**2))):
+        got = x.mean(1).var().item()
+        assert abs(got - want) < 0.1 * want, (got, want)
+    config = pdiff.PerturbDiffConfig(num_genes=G, set_noise=s)
+    assert pdiff.GaussianDiffusion.from_config(config).set_noise == s
+    with pytest.raises(ValueError, match="set_noise"):
+        pdiff.PerturbDiffConfig(num_genes=G, set_noise=-1)
+
+
+def test_given_shared_noise_ties_sets_into_one_population():
+    """noise(shared=u): the per-set part is u, so sets given the same row share it exactly."""
+    diff = pdiff.GaussianDiffusion(set_noise=2.0)
+    u = torch.randn(1, 1, 6).expand(3, 1, 6)
+    eps = diff.noise((3, 5, 6), torch.Generator().manual_seed(0), shared=u)
+    e = torch.randn((3, 5, 6), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(eps, (e + 2.0 * u) / 5**0.5)

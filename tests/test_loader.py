@@ -103,6 +103,30 @@ def test_sets_are_normalised_group_cells_with_matched_controls(atlas_path, dense
             assert ((rows["control"] >= ctrl["start"].iat[0]) & (rows["control"] < ctrl["stop"].iat[0])).all()
 
 
+@pytest.mark.parametrize("hidden", ["batch", "context"])
+def test_hidden_covariates_keep_sets_within_one_group_but_tell_the_model_nothing(atlas_path, hidden):
+    """hidden_covariates: every set still comes from one group with that group's own controls,
+    and its id of the hidden covariate is the null id (the model learns how populations vary
+    across batches / contexts); the batches are otherwise the same."""
+    groups = Atlas(atlas_path).groups
+    assert groups[hidden].nunique() > 1
+    told = CellSetDataset(atlas_path, set_size=M, batch_size=B, seed=3)
+    quiet = CellSetDataset(atlas_path, set_size=M, batch_size=B, seed=3, hidden_covariates=[hidden])
+    assert getattr(quiet, f"{hidden}_names") == [] and getattr(told, f"{hidden}_names")
+    seen = set()
+    for k, (a, b) in enumerate(zip(list(told)[:6], list(quiet)[:6])):
+        assert (a[hidden] > 0).all() and (b[hidden] == 0).all()
+        assert _same({key: v for key, v in a.items() if key != hidden}, {key: v for key, v in b.items() if key != hidden})
+        for g, rows in zip(b["group"].tolist(), quiet.batch_rows(k)):
+            row = groups.iloc[g]
+            seen.add(row[hidden])
+            ctrl = groups[(groups["is_control"]) & (groups["context"] == row["context"]) & (groups["batch"] == row["batch"])]
+            assert ((rows["control"] >= ctrl["start"].iat[0]) & (rows["control"] < ctrl["stop"].iat[0])).all()
+    assert len(seen) > 1
+    with pytest.raises(ValueError, match="perturbation.*cannot be hidden"):
+        CellSetDataset(atlas_path, set_size=M, batch_size=B, hidden_covariates=["perturbation"])
+
+
 def test_an_epoch_covers_every_cell_of_each_group(atlas_path, dense):
     ds = CellSetDataset(atlas_path, set_size=M, batch_size=B, seed=0)
     groups = Atlas(atlas_path).groups

@@ -401,3 +401,23 @@ def test_population_spread_says_how_far_the_predicted_populations_differ(pipe):
         assert table["population_noise"].iat[j] > 0
     single = predict(pipe, control, perturbation="IFNB", context="T cell")
     assert "population_sd" not in single.varm and np.isnan(single.uns["perturbdiff"]["conditions"]["population_spread"]).all()
+
+
+def test_a_model_with_a_hidden_batch_takes_the_batch_only_to_pick_control_cells(tmp_path):
+    """hidden_covariates=["batch"]: the model has no batch vocabulary; a condition's batch picks
+    that batch's control cells and reaches the model as the null id (no unknown-name error)."""
+    config = pdiff.PerturbDiffConfig.from_preset(
+        "debug", gene_names=GENES, perturbation_names=["control", "IFNB"], context_names=["T cell", "monocyte"],
+        hidden_covariates=["batch"], set_noise=1.0)
+    assert config.batch_names == [] and config.hidden_covariates == ["batch"]
+    torch.manual_seed(0)
+    pdiff.PerturbDiffModel(config).save_pretrained(tmp_path / "m")
+    hidden = PerturbDiffPipeline.from_pretrained(tmp_path / "m", device="cpu")
+    assert hidden.config.hidden_covariates == ["batch"] and hidden.diffusion.set_noise == 1.0
+    out = predict(hidden, make_control(), perturbation="IFNB", context="T cell", batch=["donor1", "donor2"],
+                  num_populations=2, cells_per_condition=20)
+    table = out.uns["perturbdiff"]["conditions"]
+    assert list(table["control_source"].astype(str)) == ["context+batch", "context+batch"]
+    assert np.isfinite(out.X).all() and out.n_obs == 2 * 2 * 20
+    with pytest.raises(ValueError, match="cannot be hidden"):
+        pdiff.PerturbDiffConfig(num_genes=4, hidden_covariates=["perturbation"])

@@ -39,7 +39,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..configuration import NULL_ID, encode_names
+from ..configuration import NULL_ID, check_hidden_covariates, encode_names
 from ..expression import Normalization, gene_columns, normalize_csr
 from .pairing import pair_order
 from .sparse import SparseSets, concat_csr, take_rows
@@ -80,6 +80,11 @@ class CellSetDataset(IterableDataset):
             atlas lacks are zero and listed in ``gene_presence``.
         perturbation_names, context_names, batch_names: covariate vocabularies (default:
             `atlas_vocabularies`); id = position + 1, a name outside a vocabulary is an error.
+        hidden_covariates: covariates ("context", "batch") whose id is the null id in every set
+            (their vocabulary is not used): sets are still drawn within one (context, perturbation,
+            dose, batch) group and paired with that group's controls, so a model learns how
+            populations vary across them (replicates, donors, patients) instead of being told
+            which one a set came from.
         mode: "conditional" (perturbed sets with matched control sets) or "marginal" (sets from every
             group, controls included, with no perturbation label and no control set: pretraining).
         split: which split to stream: "train", "val", "test" or "all".
@@ -118,6 +123,7 @@ class CellSetDataset(IterableDataset):
         perturbation_names=None,
         context_names=None,
         batch_names=None,
+        hidden_covariates=(),
         mode: str = "conditional",
         split: str = "train",
         held_out=None,
@@ -165,8 +171,10 @@ class CellSetDataset(IterableDataset):
         vocab = atlas_vocabularies(opened)
         self.gene_names = list(gene_vocabulary(opened) if gene_names is None else gene_names)
         self.perturbation_names = list(vocab["perturbation"] if perturbation_names is None else perturbation_names)
-        self.context_names = list(vocab["context"] if context_names is None else context_names)
-        self.batch_names = list(vocab["batch"] if batch_names is None else batch_names)
+        self.hidden_covariates = check_hidden_covariates(hidden_covariates)
+        self.context_names = ([] if "context" in self.hidden_covariates else
+                              list(vocab["context"] if context_names is None else context_names))
+        self.batch_names = [] if "batch" in self.hidden_covariates else list(vocab["batch"] if batch_names is None else batch_names)
         self.num_genes = len(self.gene_names)
         feats = self.perturbation_features
         if feats is not None and (feats.ndim != 2 or len(feats) != len(self.perturbation_names) + 1):
@@ -189,7 +197,10 @@ class CellSetDataset(IterableDataset):
             g = src.groups
             known_as = "the loader's vocabulary"
             src.ids = {key: encode_names(g[key], names, key, known_as) for key, names in
-                       (("context", self.context_names), ("batch", self.batch_names))}
+                       (("context", self.context_names), ("batch", self.batch_names))
+                       if key not in self.hidden_covariates}
+            for key in self.hidden_covariates:
+                src.ids[key] = np.full(len(g), NULL_ID, dtype=np.int64)
             src.dose = g["dose"].to_numpy(np.float32)
             if mode == "marginal":  # no perturbation label and no dose in the marginal stage
                 src.ids["perturbation"] = np.full(len(g), NULL_ID, dtype=np.int64)

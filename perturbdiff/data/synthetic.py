@@ -113,9 +113,15 @@ def _simulate(rng, model: _Model, c, p, b, n, strength, noise, responders, depth
 
 
 def _replicate(rng, model: _Model, p, response_spread):
-    """Hidden per-group draws: response strength, gene-wise deviation, responder fraction."""
+    """Hidden per-group draws: response strength, gene-wise deviation, responder fraction.
+
+    ``response_spread`` 0 switches the hidden variation off: every replicate of a (context,
+    perturbation) responds alike (strength 1, no deviation, the mean responder fraction 0.8).
+    """
     if p < 0:
         return 0.0, 0.0, 0.0
+    if response_spread == 0:
+        return 1.0, 0.0, 0.8
     strength = rng.lognormal(0.0, response_spread)
     noise = rng.normal(0.0, 0.3 * response_spread, model.effect.shape[1]) * (model.effect[p] != 0)
     responders = rng.beta(8.0, 2.0)

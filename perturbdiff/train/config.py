@@ -13,6 +13,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from ..configuration import check_hidden_covariates
 from ..objective import Objective, ObjectiveSettings
 
 __all__ = ["TrainConfig", "ModelSection", "DataSection", "OptimSection", "TrainSection", "load_train_config",
@@ -41,6 +42,10 @@ class DataSection:
     # a perturbation feature table (`perturbdiff features`; conditional training): the model then
     # knows a perturbation by its features, so it can predict one it never saw
     perturbation_features: str | None = None
+    # covariates the model is never told ("batch", "context"): sets are still drawn within one
+    # batch / context and paired with its controls, so the model learns how populations vary across
+    # them (replicates, donors, patients), and `--num-populations K` draws K of them
+    hidden_covariates: list = field(default_factory=list)
     val_fraction: float = 0.05  # training (context, perturbation) pairs held out for the validation loss
     val_batches: int = 4  # micro-batches per process per validation
     # .h5ad inputs in `atlas` are built into OUTPUT/atlases/<name>.zarr first, with these
@@ -116,6 +121,10 @@ class TrainConfig:
         if t.objective not in ("marginal", "conditional"):
             raise ValueError(f"train.objective must be 'marginal' or 'conditional', got {t.objective!r}")
         t.check_objective()
+        try:
+            check_hidden_covariates(d.hidden_covariates)
+        except ValueError as err:
+            raise ValueError(f"data.{err}") from None
         for key, value, low in (("data.set_size", d.set_size, 1), ("data.batch_size", d.batch_size, 1),
                                 ("data.num_workers", d.num_workers, 0), ("data.val_batches", d.val_batches, 0),
                                 ("optim.grad_accum", o.grad_accum, 1), ("optim.warmup_steps", o.warmup_steps, 0),

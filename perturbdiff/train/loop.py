@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..configuration import PerturbDiffConfig
+from ..configuration import PerturbDiffConfig, check_hidden_covariates
 from ..diffusion import GaussianDiffusion
 from ..files import atomic_json
 from ..modeling import PerturbDiffModel
@@ -174,6 +174,10 @@ class Trainer:
         from ..data import atlas_vocabularies, gene_vocabulary
 
         vocab = atlas_vocabularies(atlases)
+        hidden = check_hidden_covariates(self.cfg.data.hidden_covariates)
+        if hidden:
+            self._print(f"hidden covariates: {', '.join(hidden)} (never given to the model; it learns how populations "
+                        "vary across them)")
         choice = self.cfg.data.genes
         if choice == "hvg":
             genes, how = gene_vocabulary(atlases), "the highly variable genes flagged at build (data.genes: hvg)"
@@ -188,8 +192,9 @@ class Trainer:
             "gene_names": genes,
             # the marginal stage has no perturbation label: finetuning adds the vocabulary
             "perturbation_names": [] if self.cfg.train.objective == "marginal" else vocab["perturbation"],
-            "context_names": vocab["context"],
-            "batch_names": vocab["batch"],
+            "context_names": [] if "context" in hidden else vocab["context"],
+            "batch_names": [] if "batch" in hidden else vocab["batch"],
+            "hidden_covariates": hidden,
         }
         self.feature_table = None
         if self.cfg.data.perturbation_features:
@@ -241,7 +246,7 @@ class Trainer:
         common = dict(set_size=data.set_size, batch_size=data.batch_size, weights=data.weights, normalization=config.norm,
                       gene_names=config.gene_names, perturbation_names=config.perturbation_names,
                       context_names=config.context_names, batch_names=config.batch_names,
-                      mode="conditional" if conditional else "marginal", held_out=spec, rank=self.rank,
+                      hidden_covariates=config.hidden_covariates, mode="conditional" if conditional else "marginal", held_out=spec, rank=self.rank,
                       world_size=self.world_size, sparse=self._sparse_batches(data.sparse_batches),
                       pair_controls=conditional and config.paired_control,
                       perturbation_features=self.feature_matrix)
