@@ -215,7 +215,7 @@ def synthetic(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["glioblastoma", "synthetic"], default="glioblastoma")
     p.add_argument("--folds", nargs="+", type=int, help="glioblastoma folds (held-out patient index; default: all five)")
@@ -240,8 +240,8 @@ def main(argv=None) -> int:
 
     atomic_json(out / f"populations_{args.dataset}.json", doc)
     print(json.dumps({k: v for k, v in doc.items() if k not in ("folds",)}, indent=1, default=str))
-    return 0
+    return doc
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
