@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data.remote import RemoteStoreError
+
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RemoteStoreError) as err:
         print(f"perturbdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -30,6 +30,7 @@ import scipy.sparse as sp
 
 from ..expression import INTEGER_TOL, LOG1P_MAX, log1p_to_counts, row_sums
 from .sources import open_sources
+from .remote import as_location, location_name
 from .store import GROUP_KEYS, AtlasWriter
 
 __all__ = ["build_atlas", "ensure_atlas", "highly_variable_genes"]
@@ -248,7 +249,7 @@ def build_atlas(
 
     Args:
         inputs: a path or a list of paths (``.h5ad``, ``.parquet`` or folders of them) or AnnData objects.
-        output: the atlas to write (``*.zarr``).
+        output: the atlas to write (``*.zarr``): a path or an object-store URI (``s3://bucket/x.zarr``).
         perturbation_key: obs column with the perturbation; None for an unperturbed atlas (every cell
             is then labelled ``control_label`` and counts as a control).
         control_label: the perturbation label of control cells (must occur; every (dataset, context)
@@ -278,7 +279,7 @@ def build_atlas(
     """
     from tqdm.auto import tqdm
 
-    output = Path(output)
+    output = as_location(output)
     parquet_options = dict(
         genes_column=genes_column,
         expressions_column=expressions_column,
@@ -402,7 +403,13 @@ def build_atlas(
             output, num_genes=num_genes, chunk_elems=chunk_elems, shard_chunks=shard_chunks, codec=codec, overwrite=overwrite
         ) as writer:
             if spooled:
-                spool = _Spool(writer.path.parent / f".{writer.path.name}.spool-{writer.tmp.name[-8:]}")
+                if writer.remote:  # a local scratch folder
+                    import tempfile
+                    import uuid
+
+                    spool = _Spool(Path(tempfile.gettempdir()) / f"perturbdiff-spool-{uuid.uuid4().hex[:12]}")
+                else:
+                    spool = _Spool(writer.path.parent / f".{writer.path.name}.spool-{writer.tmp.name[-8:]}")
                 dest = np.empty(n_total, dtype=np.int64)
                 dest[final_cells] = np.arange(n_total)
                 for s in spooled:
@@ -419,7 +426,7 @@ def build_atlas(
                         bar.update(len(rows))
                     bar.close()
                 del dest
-            bar = tqdm(total=n_total, unit="cell", unit_scale=True, disable=not progress, desc=f"build {output.name}")
+            bar = tqdm(total=n_total, unit="cell", unit_scale=True, disable=not progress, desc=f"build {location_name(output)}")
             for a in range(0, n_total, block_cells):
                 b = min(a + block_cells, n_total)
                 cells = final_cells[a:b]
@@ -616,8 +623,9 @@ def _check_controls(groups: pd.DataFrame, control_label: str) -> None:
         )
 
 
-def ensure_atlas(path, built_dir, *, progress: bool = True, log=print, changed: str = "rebuild", **build_kwargs) -> Path:
-    """An atlas to train on from ``path``: an atlas as it is, or an ``.h5ad`` built once into ``built_dir``.
+def ensure_atlas(path, built_dir, *, progress: bool = True, log=print, changed: str = "rebuild", **build_kwargs):
+    """An atlas to train on from ``path``: an atlas as it is (local, or an object-store URI), or an
+    ``.h5ad`` built once into ``built_dir``.
 
     ``built_dir/<stem>.zarr`` is reused when it is complete and was built from this very input with
     these ``build_atlas`` arguments (``<stem>.source.json`` records the file's path, size and
@@ -629,7 +637,14 @@ def ensure_atlas(path, built_dir, *, progress: bool = True, log=print, changed: 
     from ..files import atomic_json
     from .store import Atlas, AtlasError
 
-    path = Path(path)
+    location = as_location(path)
+    if not isinstance(location, Path):  # an object store: an atlas as it is (Atlas checks it)
+        if str(location).endswith(".h5ad"):
+            raise ValueError(f"{location}: an .h5ad in an object store is not read directly; build an atlas from a "
+                             f"local copy (`perturbdiff atlas build COPY.h5ad -o {str(location)[:-5]}.zarr`) and "
+                             "train on that")
+        return str(location)
+    path = location
     if not path.exists():
         raise FileNotFoundError(f"atlas {path} does not exist (build one with `perturbdiff atlas build`)")
     if path.suffix != ".h5ad":

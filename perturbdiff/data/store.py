@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .remote import RemoteStoreError, as_location, is_remote, location_name
+
 __all__ = [
     "FORMAT_VERSION",
     "GROUP_KEYS",
@@ -129,7 +131,8 @@ class AtlasWriter:
     context manager, an exception removes the temporary store.
 
     Args:
-        path: the atlas to create (conventionally ``*.zarr``).
+        path: the atlas to create (conventionally ``*.zarr``): a local path, or an object-store URI
+            (``s3://bucket/pbmc.zarr``; written in place, valid once the marker is written).
         num_genes: number of columns of X.
         chunk_elems: values per compressed chunk of ``X/data`` and ``X/indices`` (a set read decodes
             only the chunks it touches, so smaller chunks mean less wasted decoding).
@@ -151,17 +154,30 @@ class AtlasWriter:
     ):
         zarr = _zarr()
         compressors = _codecs(codec)
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise ValueError(f"{self.path} already exists; pass overwrite=True (--overwrite) to replace it")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.location = as_location(path)
+        self.remote = is_remote(self.location)
+        if self.remote:
+            # No rename on an object store: the atlas is written in place and only the completeness
+            # marker, written last, makes it valid. Replacing one removes the old objects first.
+            self.path = self.location.uri
+            if self.location.any():
+                if not overwrite:
+                    raise ValueError(f"{self.path} already exists; pass overwrite=True (--overwrite) to replace it")
+                self.location.delete_all()
+            store = self.location.zarr_store(read_only=False)
+        else:
+            self.path = self.location
+            if self.path.exists() and not overwrite:
+                raise ValueError(f"{self.path} already exists; pass overwrite=True (--overwrite) to replace it")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
+            store = str(self.tmp)
         self.num_genes = int(num_genes)
         self.num_cells = 0
         self.nnz = 0
         self._closed = False
         self.root = zarr.open_group(
-            str(self.tmp),
+            store,
             mode="w-",
             zarr_format=3,
             attributes={
@@ -254,6 +270,9 @@ class AtlasWriter:
             "complete": True,  # the completeness marker: written last, in the same update
         }
         self.root.attrs.update({_ATTR: meta})
+        if self.remote:
+            self._closed = True
+            return self.path
         # Swap into place; an existing atlas is removed only after the new one is complete.
         old = None
         if self.path.exists():
@@ -268,7 +287,10 @@ class AtlasWriter:
     def abort(self) -> None:
         """Remove the temporary store (nothing is left at ``path``)."""
         if not self._closed:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.remote:
+                self.location.delete_all()
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             self._closed = True
 
     def __enter__(self):
@@ -300,87 +322,31 @@ def _fast_layout(arr) -> tuple[int, int] | None:
     return int(cfg["chunk_shape"][0]), int(arr.shards[0])
 
 
-class _ShardReader:
-    """Reads element ranges of one 1-D sharded array straight from its shard files.
+class _LocalFiles:
+    """Byte reads of a local store's files (kept open, at most 64 at once)."""
 
-    zarr-python spends about half a millisecond of Python and asyncio overhead per read, and a cell
-    set needs six reads; for the exact layout `AtlasWriter` writes (Blosc + CRC32C chunks inside
-    shards with a CRC32C-checked index at the end) on a local store, this reader preads the shard
-    index (cached) and the needed chunks, verifies each checksum and Blosc-decodes them. Any other
-    layout or store is read through zarr.
-    """
+    def __init__(self, root: Path):
+        self.root = root
+        self._fds: dict[str, int] = {}
 
-    def __init__(self, store: Path, name: str, arr, chunk: int, shard: int):
-        self.store, self.name = store, name
-        self.folder = store / name / "c"
-        self.dtype = np.dtype(arr.dtype)
-        self.length = int(arr.shape[0])
-        self.chunk, self.per_shard = chunk, shard // chunk
-        self._fds: dict[int, int] = {}
-        self._index: dict[int, np.ndarray] = {}
-
-    def _error(self, what: str, shard: int) -> AtlasCorruptError:
-        return AtlasCorruptError(f"atlas {self.store}: array '{self.name}' has a corrupt or truncated chunk ({what} in {self.name}/c/{shard})")
-
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
+    def _fd(self, key: str) -> int:
+        fd = self._fds.get(key)
         if fd is None:
             if len(self._fds) >= 64:  # bound open files: close the oldest
                 os.close(self._fds.pop(next(iter(self._fds))))
-            try:
-                fd = os.open(self.folder / str(shard), os.O_RDONLY)
-            except FileNotFoundError:
-                raise AtlasCorruptError(f"atlas {self.store}: array '{self.name}' is missing chunk file {self.name}/c/{shard}") from None
-            self._fds[shard] = fd
+            fd = os.open(self.root / key, os.O_RDONLY)
+            self._fds[key] = fd
         return fd
 
-    def _shard_index(self, shard: int) -> np.ndarray:
-        index = self._index.get(shard)
-        if index is None:
-            import google_crc32c
+    def size(self, key: str) -> int:
+        return os.fstat(self._fd(key)).st_size
 
-            fd = self._fd(shard)
-            size = os.fstat(fd).st_size
-            nbytes = self.per_shard * 16 + 4
-            if size < nbytes:
-                raise self._error("file shorter than its index", shard)
-            raw = os.pread(fd, nbytes, size - nbytes)
-            if np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
-                raise self._error("index checksum mismatch", shard)
-            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
-            if len(self._index) >= 4096:
-                self._index.pop(next(iter(self._index)))
-            self._index[shard] = index
-        return index
+    def read_suffix(self, key: str, nbytes: int) -> bytes:
+        return os.pread(self._fd(key), nbytes, self.size(key) - nbytes)
 
-    def _chunk(self, i: int) -> np.ndarray:
-        import google_crc32c
-        from numcodecs import blosc
-
-        shard, local = divmod(i, self.per_shard)
-        offset, nbytes = (int(v) for v in self._shard_index(shard)[local])
-        if offset == _MAX_UINT64:
-            raise self._error(f"chunk {local} absent", shard)
-        raw = os.pread(self._fd(shard), nbytes, offset)
-        if len(raw) != nbytes or nbytes < 4:
-            raise self._error(f"chunk {local} truncated", shard)
-        body = raw[:-4]
-        if np.uint32(google_crc32c.value(body)).tobytes() != raw[-4:]:
-            raise self._error(f"chunk {local} checksum mismatch", shard)
-        try:
-            return np.frombuffer(blosc.decompress(body), dtype=self.dtype)
-        except Exception as err:
-            raise self._error(f"chunk {local} does not decode: {err}", shard) from err
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        if stop <= start:
-            return np.zeros(0, dtype=self.dtype)
-        c = self.chunk
-        first, last = start // c, (stop - 1) // c
-        if first == last:
-            return self._chunk(first)[start - first * c : stop - first * c].copy()
-        parts = [self._chunk(i) for i in range(first, last + 1)]
-        return np.concatenate(parts)[start - first * c : stop - first * c]
+    def read_ranges(self, key: str, ranges) -> list[bytes]:
+        fd = self._fd(key)
+        return [os.pread(fd, n, a) for a, n in ranges]
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -392,6 +358,102 @@ class _ShardReader:
             self.close()
         except Exception:
             pass
+
+
+class _ShardReader:
+    """Reads element ranges of one 1-D sharded array straight from its shard objects.
+
+    zarr-python spends about half a millisecond of Python and asyncio overhead per read, and a cell
+    set needs six reads; for the exact layout `AtlasWriter` writes (Blosc + CRC32C chunks inside
+    shards with a CRC32C-checked index at the end) this reader fetches the shard index (cached) and
+    the needed chunks of each shard in one call (``pread`` on a local store; one coalesced range
+    request on an object store), verifies each checksum and Blosc-decodes them. Any other layout is
+    read through zarr.
+
+    Args:
+        files: the store's bytes: `_LocalFiles` or a `remote.RemoteStore`.
+        where: the store, for messages.
+    """
+
+    def __init__(self, files, where: str, name: str, arr, chunk: int, shard: int):
+        self.files, self.where, self.name = files, where, name
+        self.dtype = np.dtype(arr.dtype)
+        self.length = int(arr.shape[0])
+        self.chunk, self.per_shard = chunk, shard // chunk
+        self._index: dict[int, np.ndarray] = {}
+
+    def _error(self, what: str, shard: int) -> AtlasCorruptError:
+        return AtlasCorruptError(f"atlas {self.where}: array '{self.name}' has a corrupt or truncated chunk ({what} in {self.name}/c/{shard})")
+
+    def _key(self, shard: int) -> str:
+        return f"{self.name}/c/{shard}"
+
+    def _missing(self, shard: int) -> AtlasCorruptError:
+        return AtlasCorruptError(f"atlas {self.where}: array '{self.name}' is missing chunk file {self.name}/c/{shard}")
+
+    def _shard_index(self, shard: int) -> np.ndarray:
+        index = self._index.get(shard)
+        if index is None:
+            import google_crc32c
+
+            nbytes = self.per_shard * 16 + 4
+            try:
+                if isinstance(self.files, _LocalFiles) and self.files.size(self._key(shard)) < nbytes:
+                    raise self._error("file shorter than its index", shard)
+                raw = self.files.read_suffix(self._key(shard), nbytes)
+            except FileNotFoundError:
+                raise self._missing(shard) from None
+            if len(raw) != nbytes:
+                raise self._error("file shorter than its index", shard)
+            if np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
+                raise self._error("index checksum mismatch", shard)
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            if len(self._index) >= 4096:
+                self._index.pop(next(iter(self._index)))
+            self._index[shard] = index
+        return index
+
+    def _chunks(self, first: int, last: int) -> list[np.ndarray]:
+        """Chunks ``first..last`` decoded: one byte read per shard they lie in."""
+        import google_crc32c
+        from numcodecs import blosc
+
+        out = []
+        for shard in range(first // self.per_shard, last // self.per_shard + 1):
+            a = max(first, shard * self.per_shard) - shard * self.per_shard
+            b = min(last, (shard + 1) * self.per_shard - 1) - shard * self.per_shard
+            index = self._shard_index(shard)
+            ranges = []
+            for local in range(a, b + 1):
+                offset, nbytes = (int(v) for v in index[local])
+                if offset == _MAX_UINT64:
+                    raise self._error(f"chunk {local} absent", shard)
+                ranges.append((offset, nbytes))
+            try:
+                raws = self.files.read_ranges(self._key(shard), ranges)
+            except FileNotFoundError:
+                raise self._missing(shard) from None
+            for local, raw, (_, nbytes) in zip(range(a, b + 1), raws, ranges):
+                if len(raw) != nbytes or nbytes < 4:
+                    raise self._error(f"chunk {local} truncated", shard)
+                body = raw[:-4]
+                if np.uint32(google_crc32c.value(body)).tobytes() != raw[-4:]:
+                    raise self._error(f"chunk {local} checksum mismatch", shard)
+                try:
+                    out.append(np.frombuffer(blosc.decompress(body), dtype=self.dtype))
+                except Exception as err:
+                    raise self._error(f"chunk {local} does not decode: {err}", shard) from err
+        return out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        c = self.chunk
+        first, last = start // c, (stop - 1) // c
+        parts = self._chunks(first, last)
+        if first == last:
+            return parts[0][start - first * c : stop - first * c].copy()
+        return np.concatenate(parts)[start - first * c : stop - first * c]
 
 
 class Atlas:
@@ -416,12 +478,18 @@ class Atlas:
 
     def __init__(self, path, *, fast_reads: bool = True):
         zarr = _zarr()
-        self.path = Path(path)
+        self.location = as_location(path)
+        self.remote = is_remote(self.location)
+        self.path = self.location.uri if self.remote else self.location
         self.fast_reads = fast_reads
-        if not self.path.exists():
-            raise FileNotFoundError(f"atlas {self.path} does not exist")
+        if not (self.location.exists() if self.remote else self.path.exists()):
+            what = "(no zarr.json under that prefix)" if self.remote else ""
+            raise FileNotFoundError(f"atlas {self.path} does not exist {what}".rstrip())
         try:
-            root = zarr.open_group(str(self.path), mode="r")
+            store = self.location.zarr_store(read_only=True) if self.remote else str(self.path)
+            root = zarr.open_group(store, mode="r")
+        except RemoteStoreError:
+            raise
         except Exception as err:  # not a zarr store at all
             raise AtlasError(f"{self.path} is not a Zarr store: {err}") from err
         meta = dict(root.attrs).get(_ATTR)
@@ -451,10 +519,11 @@ class Atlas:
                 raise AtlasCorruptError(f"atlas {self.path}: array 'X/{name}' is missing or unreadable: {err}") from err
         self._check_chunk_files()
         self._fast = {}
+        files = self.location if self.remote else _LocalFiles(self.path)
         for name, arr in self._arrays.items():
             layout = _fast_layout(arr) if fast_reads else None
             if layout is not None:
-                self._fast[name] = _ShardReader(self.path, f"X/{name}", arr, *layout)
+                self._fast[name] = _ShardReader(files, str(self.path), f"X/{name}", arr, *layout)
         from anndata.io import read_elem
 
         try:
@@ -487,12 +556,16 @@ class Atlas:
                                     f"covering the {self.num_cells} cells); rebuild the atlas")
 
     def _check_chunk_files(self) -> None:
-        # Zarr reads a missing chunk as zeros; on a local store, check every expected shard file exists.
+        # Zarr reads a missing chunk as zeros: check every expected shard file (object) exists.
+        present = set(self.location.keys("X/")) if self.remote else None
         for name, arr in self._arrays.items():
             shard = (arr.shards or arr.chunks)[0]
             expected = -(-arr.shape[0] // shard)
-            folder = self.path / "X" / name / "c"
-            missing = [i for i in range(expected) if not (folder / str(i)).is_file()]
+            if self.remote:
+                missing = [i for i in range(expected) if f"X/{name}/c/{i}" not in present]
+            else:
+                folder = self.path / "X" / name / "c"
+                missing = [i for i in range(expected) if not (folder / str(i)).is_file()]
             if missing:
                 raise AtlasCorruptError(
                     f"atlas {self.path}: array 'X/{name}' is missing {len(missing)} chunk file(s) "
@@ -518,7 +591,7 @@ class Atlas:
         indptr_arr = self._arrays["indptr"]
         step = indptr_arr.chunks[0] * 64
         last = 0
-        bar = tqdm(total=self.num_cells, unit="cell", disable=not progress, desc=f"validate {self.path.name}")
+        bar = tqdm(total=self.num_cells, unit="cell", disable=not progress, desc=f"validate {location_name(self.path)}")
         for a in range(0, self.num_cells, step):
             b = min(a + step, self.num_cells)
             ip = self._read("indptr", a, b + 1)
@@ -553,6 +626,11 @@ class Atlas:
 
     def __repr__(self) -> str:
         return f"Atlas({str(self.path)!r}, cells={self.num_cells}, genes={self.num_genes}, groups={len(self.groups)})"
+
+    @property
+    def requests(self) -> int:
+        """Range requests this atlas has made so far (an object store; 0 for a local one)."""
+        return self.location.requests if self.remote else 0
 
     def __getstate__(self):
         # Zarr handles are re-opened in each process (DataLoader workers) rather than pickled.

@@ -313,15 +313,22 @@ def make_synthetic_atlas(
     """
     from .builder import build_atlas
 
-    path = Path(path)
+    from .remote import as_location, is_remote
+
+    path = as_location(path)
     kwargs = dict(BUILD_COLUMNS, dataset_name="synthetic", overwrite=overwrite, progress=progress, seed=seed)
     kwargs.update(build_kwargs)
     shape = dict(num_genes=num_genes, num_contexts=num_contexts, num_perturbations=num_perturbations, num_batches=num_batches)
     if num_cells <= 200_000:
         adata = make_synthetic_adata(num_cells=num_cells, response_spread=response_spread, seed=seed, **shape)
         return build_atlas(adata, path, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h5 = path.with_name(f".{path.name}.input-{uuid.uuid4().hex[:8]}.h5ad")
+    if is_remote(path):  # the temporary input on local scratch
+        import tempfile
+
+        h5 = Path(tempfile.gettempdir()) / f"perturbdiff-synthetic-{uuid.uuid4().hex[:8]}.h5ad"
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h5 = path.with_name(f".{path.name}.input-{uuid.uuid4().hex[:8]}.h5ad")
     try:
         write_synthetic_h5ad(h5, num_cells=num_cells, response_spread=response_spread, seed=seed, progress=progress, **shape)
         return build_atlas(h5, path, **kwargs)

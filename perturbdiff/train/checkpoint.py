@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..configuration import PerturbDiffConfig
+from ..data.remote import location_name
 from ..files import atomic_json
 from ..modeling import PerturbDiffModel
 
@@ -330,7 +331,7 @@ def write_export(path: Path, config: PerturbDiffConfig, state: dict[str, torch.T
 def model_card(config: PerturbDiffConfig, cfg, *, step: int, cells_seen: int, world_size: int, ema_on: bool,
                logs: dict, extra: dict, datasets: list | None = None) -> str:
     """The export's README: what the model is, what it was trained on and how, its split, its last figures."""
-    atlases = [Path(a).name for a in cfg.data.atlas] or ["the built-in synthetic atlas"]  # no paths of this machine
+    atlases = [location_name(a) for a in cfg.data.atlas] or ["the built-in synthetic atlas"]  # no paths of this machine
     conditional = cfg.train.objective == "conditional"
     d = cfg.data
     if d.split_file:

@@ -7,6 +7,7 @@ import errno
 import os
 from pathlib import Path
 
+from ..data.remote import RemoteStoreError, location_name
 from .config import TrainConfig, flatten, load_train_config
 
 __all__ = ["build_arg_parser", "config_from_args", "main"]
@@ -21,7 +22,7 @@ def build_arg_parser(description: str, default_config: str | os.PathLike, *, fin
         epilog="Any config key can be overridden as key.sub=value (YAML value), e.g. optim.lr=1e-3 train.ema_decay=0",
     )
     p.add_argument("--config", default=str(default_config), help="YAML config (default: %(default)s)")
-    p.add_argument("--atlas", nargs="+", help="atlas store(s) (default: the built-in synthetic atlas)")
+    p.add_argument("--atlas", nargs="+", help="atlas store(s): paths or s3://, gs://, az:// URIs (default: the built-in synthetic atlas)")
     p.add_argument("--atlas-weights", nargs="+", type=float, help="mixing weight per atlas")
     p.add_argument("--output-dir", help="where checkpoints, logs and the export go")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None, *, description: str = "PerturbDiff train
     args = parser.parse_intermixed_args(argv)  # key=value overrides may stand between the flags
     try:
         return _train(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RemoteStoreError) as err:
         # bad input and diverged runs end with one line naming the problem, and a non-zero exit
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     except OSError as err:
@@ -108,7 +109,7 @@ def _train(args) -> Path:
                                     overrides=cfg.model.overrides, min_shared_genes=cfg.model.min_shared_genes,
                                     seed=cfg.train.seed, log=partial(print, flush=True))
 
-        card = {"base model": cfg.model.base, "screen": ", ".join(Path(a).name for a in cfg.data.atlas)}
+        card = {"base model": cfg.model.base, "screen": ", ".join(location_name(a) for a in cfg.data.atlas)}
     try:
         return Trainer(cfg, model_factory=factory, model_card=card).fit()
     finally:

@@ -163,7 +163,7 @@ class Trainer:
 
         paths = []
         with self.accelerator.main_process_first():  # one process builds, the others then open
-            for p in [Path(p) for p in self.cfg.data.atlas] or [ensure_default_atlas()]:
+            for p in list(self.cfg.data.atlas) or [ensure_default_atlas()]:
                 paths.append(ensure_atlas(p, self.output_dir / "atlases", progress=self.accelerator.is_main_process,
                                           changed="error" if self.cfg.resume else "rebuild",
                                           log=self._print, **self.cfg.data.columns))
