@@ -13,8 +13,8 @@ reads them; and whole loader batches: conditional sets with their control sets, 
   (``codec_pipeline.path = zarrs.ZarrsCodecPipeline``), if it is installed.
 
 "local" is a folder on this machine's disk (page cache warm); "s3" is moto's S3 server on
-127.0.0.1 (a Python server: its per-request latency, not a real bucket's, sets the pace, so
-``requests_per_set`` is the figure that carries over). Ratios are each reader's cells/s over
+127.0.0.1 in its own process (a Python server: its per-request latency, not a real bucket's, sets
+the pace, so ``requests_per_set`` is the figure that carries over). Ratios are each reader's cells/s over
 ``own``'s, in the same run.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import platform
 import sys
@@ -40,21 +39,33 @@ def _log(msg: str) -> None:
 
 @contextlib.contextmanager
 def _s3_server():
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server in its own process (in-process, it would share the reader's GIL)."""
+    import socket
+    import subprocess
+    import urllib.request
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ALLOW_HTTP="true")
+                      AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true")
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="bench")
     try:
         yield "s3://bench"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
 
 
 def _open(location, reader: str):

@@ -267,7 +267,8 @@ def test_damaged_chunk_names_store_and_array(atlas_path, tmp_path, damage, fast)
 # -- Tahoe-100M parquet ----------------------------------------------------------------------------
 
 
-def test_parquet_tahoe_layout(tmp_path):
+def _write_tahoe(folder: Path, bad_row: int | None = None):
+    """A Tahoe-100M-layout parquet file (CLS token first, unsorted gene ids) and its gene metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -278,11 +279,11 @@ def test_parquet_tahoe_layout(tmp_path):
     lines = np.array(["CVCL_1", "CVCL_2"])[rng.integers(0, 2, n)]
     dense = rng.poisson(0.8, (n, 40)).astype(np.float32)
     gene_lists, expr_lists = [], []
-    for row in dense:
+    for i, row in enumerate(dense):
         nz = np.flatnonzero(row)
         order = rng.permutation(len(nz))  # gene ids need not be sorted
         gene_lists.append([1] + token[nz[order]].tolist())
-        expr_lists.append([-2.0] + row[nz[order]].tolist())  # leading CLS token with expression -2
+        expr_lists.append([-2.0] + row[nz[order]].tolist() + ([1.0] if i == bad_row else []))  # CLS token first
     table = pa.table(
         {
             "genes": pa.array(gene_lists, pa.list_(pa.int64())),
@@ -293,10 +294,20 @@ def test_parquet_tahoe_layout(tmp_path):
             "BARCODE_SUB_LIB_ID": [f"bc{i}" for i in range(n)],
         }
     )
-    data = tmp_path / "train-00000.parquet"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "train-00000.parquet"
     pq.write_table(table, data, row_group_size=64)
-    meta = tmp_path / "gene_metadata.parquet"
+    meta = folder.parent / "gene_metadata.parquet"
     pd.DataFrame({"token_id": token, "gene_symbol": genes, "ensembl_id": [f"ENSG{i}" for i in range(40)]}).to_parquet(meta)
+    return data, meta, genes, dense, drugs, lines
+
+
+TAHOE_COLUMNS = dict(perturbation_key="drug", context_key="cell_line_id", batch_key="plate", control_label="DMSO_TF",
+                     obs_names_key="BARCODE_SUB_LIB_ID")
+
+
+def test_parquet_tahoe_layout(tmp_path):
+    data, meta, genes, dense, drugs, lines = _write_tahoe(tmp_path / "tahoe")
     path = build_atlas(
         data,
         tmp_path / "tahoe.zarr",
@@ -316,6 +327,38 @@ def test_parquet_tahoe_layout(tmp_path):
     assert (stored.obs["context"].astype(str).to_numpy() == lines[rows]).all()
     with pytest.raises(ValueError, match="no column 'cell_line'.*cell_line_id"):
         build_atlas(data, tmp_path / "y.zarr", perturbation_key="drug", context_key="cell_line", control_label="DMSO_TF", gene_metadata=meta, **SMALL)
+
+
+def test_tahoe_layout_streamed_through_datasets_builds_the_same_atlas(tmp_path):
+    from perturbdiff.data.sources import ParquetSource, StreamingSource
+
+    data, meta, genes, dense, drugs, lines = _write_tahoe(tmp_path / "tahoe")
+    kw = dict(TAHOE_COLUMNS, gene_metadata=meta, **SMALL)
+    a = ad.read_zarr(build_atlas(data, tmp_path / "pyarrow.zarr", **kw))
+    b = ad.read_zarr(build_atlas(f"hf://{data.parent}", tmp_path / "streamed.zarr", **kw))
+    assert list(a.obs_names) == list(b.obs_names) and list(a.var_names) == list(b.var_names) == genes
+    assert (a.X != b.X).nnz == 0
+    for col in ("perturbation", "context", "batch"):
+        assert (a.obs[col].astype(str) == b.obs[col].astype(str)).all()
+    assert Atlas(tmp_path / "streamed.zarr").metadata["sources"][0]["kind"] == "datasets"
+
+    # batch boundaries: streamed blocks equal the file's rows, read forward in any block size
+    stream = StreamingSource(str(data.parent), gene_metadata=meta, obs_names_key="BARCODE_SUB_LIB_ID", batch_rows=50)
+    whole = ParquetSource(data, gene_metadata=meta)
+    assert stream.num_cells == 300 and list(stream.obs_column("drug")) == list(drugs)
+    for r0, r1 in [(0, 37), (37, 120), (120, 300), (10, 20)]:  # the last one restarts the stream
+        rows = np.arange(r0, r1)
+        assert (stream.read_rows(rows) != whole.read_rows(rows)).nnz == 0
+
+    # a row whose two lists differ in length is named, on both paths
+    bad = tmp_path / "bad"
+    _write_tahoe(bad, bad_row=77)
+    with pytest.raises(ValueError, match="row 77: 'genes' has .* gene ids but 'expressions' has"):
+        build_atlas(bad, tmp_path / "bad1.zarr", **dict(kw, gene_metadata=bad.parent / "gene_metadata.parquet"))
+    with pytest.raises(ValueError, match="row 77: 'genes' has .* gene ids but 'expressions' has"):
+        build_atlas(f"hf://{bad}", tmp_path / "bad2.zarr", **dict(kw, gene_metadata=bad.parent / "gene_metadata.parquet"))
+    with pytest.raises(ValueError, match="hf://.*nope.*cannot open it as a Hugging Face dataset"):
+        build_atlas(f"hf://{tmp_path / 'nope'}", tmp_path / "bad3.zarr", **kw)
 
 
 # -- CLI, synthetic default, cell typing -----------------------------------------------------------

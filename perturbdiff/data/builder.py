@@ -300,7 +300,7 @@ def build_atlas(
                     _column(src, dataset_key, role="dataset", flag="--dataset-key", default="", missing=None)
                 )
             else:
-                default = dataset_name or (src.path.stem if src.path is not None else f"dataset{i}")
+                default = dataset_name or (src.path.stem if src.path is not None else getattr(src, "stem", f"dataset{i}"))
                 cols["dataset"].append(pd.Categorical.from_codes(np.zeros(src.num_cells, np.int8), categories=[default]))
             cols["context"].append(_column(src, context_key, role="context", flag="--context-key", default=_NA, missing=_NA))
             cols["batch"].append(_column(src, batch_key, role="batch", flag="--batch-key", default=_NA, missing=_NA))
@@ -559,6 +559,9 @@ def _scattered_sources(sources, rows: np.ndarray, src_of: np.ndarray, block_cell
     block = np.arange(len(rows)) // block_cells
     for s, src in enumerate(sources):
         if src.kind == "anndata":  # in memory: random access is cheap
+            continue
+        if src.kind == "datasets":  # a stream reads forward only: always bucketed through the spool
+            out.add(s)
             continue
         sel = np.flatnonzero(src_of == s)
         if len(sel) == 0:

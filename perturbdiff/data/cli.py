@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = atlas.add_subparsers(dest="atlas_command", required=True)
 
     b = sub.add_parser("build", help="build an atlas from .h5ad files, folders of them, or Tahoe-layout parquet")
-    b.add_argument("inputs", nargs="+", help=".h5ad / .parquet files or folders of them")
+    b.add_argument("inputs", nargs="+", help=".h5ad / .parquet files or folders of them, or hf://DATASET (a Hub id or local parquet folder, streamed through Hugging Face datasets)")
     b.add_argument("-o", "--output", required=True, help="the atlas to write (*.zarr): a path, or s3://, gs://, az:// (written in place; credentials from the environment)")
     g = b.add_argument_group("column mapping (obs columns of the inputs)")
     g.add_argument("--perturbation-key", default="perturbation", help="perturbation column (default: %(default)s)")

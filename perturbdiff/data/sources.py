@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["H5adSource", "AnnDataSource", "ParquetSource", "open_sources", "row_windows"]
+__all__ = ["H5adSource", "AnnDataSource", "ParquetSource", "StreamingSource", "open_sources", "row_windows"]
 
 # Rows further apart than this are read as separate windows; closer ones share a read (at most
 # MAX_GAP unneeded rows are read per needed row, which bounds the waste).
@@ -266,23 +266,13 @@ class ParquetSource:
         rg_rows = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
         self._rg_start = np.concatenate([[0], np.cumsum(rg_rows)]).astype(np.int64)
         self._cache: tuple[int, sp.csr_matrix] | None = None
-        if gene_metadata is not None:
-            table = _read_table(gene_metadata)
-            for col in (gene_id_column, gene_name_column):
-                if col not in table.columns:
-                    raise ValueError(f"{gene_metadata}: no column '{col}'; columns present: {list(table.columns)}")
-            ids = table[gene_id_column].to_numpy().astype(np.int64)
-            self._gene_names = _as_str(table[gene_name_column])
-            self._lookup = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
-            self._lookup[ids] = np.arange(len(ids))
-        else:
-            max_id = -1
+        max_id = -1
+        if gene_metadata is None:
             for batch in self.file.iter_batches(columns=[genes_column], batch_size=65536):
                 values = batch.column(0).values.to_numpy(zero_copy_only=False)
                 if len(values):
                     max_id = max(max_id, int(values.max()))
-            self._lookup = np.arange(max_id + 1, dtype=np.int64)
-            self._gene_names = np.array([str(i) for i in range(max_id + 1)], dtype=object)
+        self._lookup, self._gene_names = _gene_lookup(gene_metadata, gene_id_column, gene_name_column, max_id)
         self.num_genes = len(self._gene_names)
         self.sparse = True
 
@@ -308,33 +298,8 @@ class ParquetSource:
         if self._cache is not None and self._cache[0] == i:
             return self._cache[1]
         table = self.file.read_row_group(i, columns=[self._genes_col, self._expr_col])
-        genes = table.column(0).combine_chunks()
-        expr = table.column(1).combine_chunks()
-        offsets = genes.offsets.to_numpy().astype(np.int64)
-        offsets -= offsets[0]
-        if not np.array_equal(expr.offsets.to_numpy() - expr.offsets.to_numpy()[0], offsets):
-            raise ValueError(f"{self.name}: row group {i}: '{self._genes_col}' and '{self._expr_col}' lists differ in length")
-        gid = genes.values.to_numpy(zero_copy_only=False)[: offsets[-1]].astype(np.int64)
-        val = expr.values.to_numpy(zero_copy_only=False)[: offsets[-1]].astype(np.float32)
-        n = len(offsets) - 1
-        # Drop Tahoe's leading CLS token (negative expression in the first position).
-        lengths = np.diff(offsets)
-        first = offsets[:-1][lengths > 0]
-        cls = first[val[first] < 0]
-        if len(cls):
-            keep = np.ones(len(val), dtype=bool)
-            keep[cls] = False
-            row_of = np.repeat(np.arange(n), lengths)
-            gid, val = gid[keep], val[keep]
-            offsets = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=n))])
-        bad = (gid < 0) | (gid >= len(self._lookup))
-        col = np.full(len(gid), -1, dtype=np.int64)
-        col[~bad] = self._lookup[gid[~bad]]
-        if np.any(col < 0):
-            unknown = np.unique(gid[col < 0])[:10].tolist()
-            raise ValueError(f"{self.name}: gene ids {unknown} are not in the gene metadata")
-        m = _csr(val, col.astype(np.int32), offsets, (n, self.num_genes))
-        m.sum_duplicates()  # also sorts the gene indices of each row
+        m = _lists_to_csr(table.column(0), table.column(1), self._lookup, self.num_genes,
+                          where=self.name, first_row=int(self._rg_start[i]), columns=(self._genes_col, self._expr_col))
         self._cache = (i, m)
         return m
 
@@ -352,6 +317,202 @@ class ParquetSource:
         self._cache = None
 
 
+class StreamingSource:
+    """A Hugging Face ``datasets`` source in the Tahoe-100M layout, read as a stream, never whole.
+
+    ``spec`` is a Hub dataset id (``tahoebio/Tahoe-100M``), a local folder or file pattern of parquet
+    that `datasets.load_dataset` reads, or a `datasets.IterableDataset` / `datasets.Dataset` object.
+    It is opened with ``streaming=True``, so a 100M-row source is read batch by batch: one pass over
+    the metadata columns (kept in memory as the builder's obs, a few bytes per cell) and one ordered
+    pass over the gene/expression lists, which the builder buckets into its on-disk spool (see
+    `perturbdiff.data.builder`). Rows are as in `ParquetSource` (the leading CLS token dropped, gene
+    ids named through ``gene_metadata``; without it, the ids are the names and an extra pass over the
+    gene lists finds the largest id).
+
+    Args:
+        spec: the dataset (see above).
+        split: the split to read (``"train"``; Tahoe-100M has only that).
+        data_dir: a sub-folder of the dataset (e.g. ``"data"``), passed to `datasets.load_dataset`.
+        batch_rows: rows per streamed batch.
+        other arguments: as `ParquetSource`.
+    """
+
+    kind = "datasets"
+
+    def __init__(self, spec, *, split: str = "train", data_dir: str | None = None, genes_column: str = "genes",
+                 expressions_column: str = "expressions", gene_metadata=None, gene_id_column: str = "token_id",
+                 gene_name_column: str = "gene_symbol", obs_names_key: str | None = None, batch_rows: int = 65536):
+        import datasets
+
+        if isinstance(spec, (datasets.IterableDataset, datasets.Dataset)):
+            ds, self.name = spec, f"datasets:{getattr(spec.info, 'dataset_name', None) or 'dataset'}"
+            if isinstance(ds, datasets.Dataset):
+                ds = ds.to_iterable_dataset()
+        else:
+            self.name = f"hf://{spec}"
+            try:
+                ds = datasets.load_dataset(str(spec), split=split, data_dir=data_dir, streaming=True)
+            except Exception as err:
+                raise ValueError(f"{self.name}: cannot open it as a Hugging Face dataset (split {split!r}): "
+                                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        self.path, self.layer, self.sparse = None, None, True
+        self.stem = self.name.rstrip("/").rsplit("/", 1)[-1]  # the default dataset name
+        self.ds, self.batch_rows = ds, int(batch_rows)
+        names = list(ds.column_names or ds.features or [])
+        for col, flag in ((genes_column, "--genes-column"), (expressions_column, "--expressions-column")):
+            if col not in names:
+                raise ValueError(f"{self.name}: no column '{col}' ({flag}); columns present: {names}")
+        self._genes_col, self._expr_col = genes_column, expressions_column
+        self._columns = [c for c in names if c not in (genes_column, expressions_column)]
+        self._obs_names_key = obs_names_key
+        # The metadata pass: every non-list column, batch by batch (and the largest gene id if needed).
+        parts: dict[str, list] = {c: [] for c in self._columns}
+        max_id, n = -1, 0
+        scan = self._columns + ([] if gene_metadata is not None else [genes_column])
+        for batch in self._batches(scan):
+            for c in self._columns:
+                parts[c].append(pd.Categorical(batch.column(c).to_pandas()) if _is_text(batch.column(c)) else
+                                batch.column(c).to_numpy(zero_copy_only=False))
+            if gene_metadata is None:
+                values = batch.column(genes_column).combine_chunks().values.to_numpy(zero_copy_only=False)
+                if len(values):
+                    max_id = max(max_id, int(values.max()))
+            n += batch.num_rows
+        self.num_cells = n
+        self._obs = {c: _concat(v) for c, v in parts.items()}
+        self._lookup, self._gene_names = _gene_lookup(gene_metadata, gene_id_column, gene_name_column, max_id)
+        self.num_genes = len(self._gene_names)
+        self._stream = None  # (iterator, next row, pending CSR rows)
+
+    def _batches(self, columns):
+        it = self.ds.select_columns(list(columns)).with_format("arrow").iter(batch_size=self.batch_rows)
+        try:
+            yield from it
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return list(self._columns)
+
+    def obs_column(self, name: str):
+        return self._obs[name]
+
+    def obs_names(self) -> np.ndarray:
+        if self._obs_names_key is not None:
+            if self._obs_names_key not in self._columns:
+                raise ValueError(f"{self.name}: no column '{self._obs_names_key}'; columns present: {self._columns}")
+            return _as_str(self.obs_column(self._obs_names_key))
+        return np.array([f"{self.stem}:{i}" for i in range(self.num_cells)], dtype=object)
+
+    def gene_names(self) -> np.ndarray:
+        return self._gene_names
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Consecutive rows, in order: a stream reads forward (the builder's spool pass reads so)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.num_genes), dtype=np.float32)
+        if np.any(np.diff(rows) != 1):
+            raise ValueError(f"{self.name}: a streamed source is read in consecutive rows")
+        if self._stream is None or self._stream[1] > rows[0]:
+            self._stream = [self._batches([self._genes_col, self._expr_col]), 0, None]
+        it, pos, pending = self._stream
+        out = []
+        need_from, need_to = int(rows[0]), int(rows[-1]) + 1
+        while pos < need_to:
+            if pending is None:
+                batch = next(it, None)
+                if batch is None:
+                    raise ValueError(f"{self.name}: the stream ended at row {pos}, before row {need_to - 1}")
+                pending = _lists_to_csr(batch.column(0), batch.column(1), self._lookup, self.num_genes, where=self.name,
+                                        first_row=pos, columns=(self._genes_col, self._expr_col))
+            a, b = max(need_from - pos, 0), min(need_to - pos, pending.shape[0])
+            if b > a:
+                out.append(pending[a:b])
+            if need_to - pos >= pending.shape[0]:
+                pos, pending = pos + pending.shape[0], None
+            else:
+                pending, pos = pending[need_to - pos :], need_to
+        self._stream = [it, pos, pending]
+        return out[0] if len(out) == 1 else sp.vstack(out, format="csr")
+
+    def close(self) -> None:
+        self._stream = None
+
+
+def _is_text(column) -> bool:
+    import pyarrow as pa
+
+    t = column.type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t)
+
+
+def _concat(parts: list):
+    if parts and isinstance(parts[0], pd.Categorical):
+        return pd.api.types.union_categoricals(parts)  # text columns stay categorical: bytes per cell
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _gene_lookup(gene_metadata, gene_id_column: str, gene_name_column: str, max_id: int):
+    """(id -> column lookup, gene names): from a gene metadata table, or the ids 0..max_id themselves."""
+    if gene_metadata is not None:
+        table = _read_table(gene_metadata)
+        for col in (gene_id_column, gene_name_column):
+            if col not in table.columns:
+                raise ValueError(f"{gene_metadata}: no column '{col}'; columns present: {list(table.columns)}")
+        ids = table[gene_id_column].to_numpy().astype(np.int64)
+        lookup = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+        lookup[ids] = np.arange(len(ids))
+        return lookup, _as_str(table[gene_name_column])
+    return np.arange(max_id + 1, dtype=np.int64), np.array([str(i) for i in range(max_id + 1)], dtype=object)
+
+
+def _lists_to_csr(genes, expr, lookup: np.ndarray, num_genes: int, *, where: str, first_row: int,
+                  columns: tuple[str, str]) -> sp.csr_matrix:
+    """Rows of (gene-id list, expression list) pairs (pyarrow list arrays) as a float32 CSR matrix.
+
+    Tahoe-100M's leading CLS token (a negative expression in the first position) is dropped; gene
+    ids map to columns through ``lookup``. A row whose two lists differ in length, or a gene id
+    without a name, is an error naming the row (``first_row`` + its position).
+    """
+    import pyarrow as pa
+
+    genes = genes.combine_chunks() if isinstance(genes, pa.ChunkedArray) else genes
+    expr = expr.combine_chunks() if isinstance(expr, pa.ChunkedArray) else expr
+    offsets = genes.offsets.to_numpy().astype(np.int64)
+    e_off = expr.offsets.to_numpy().astype(np.int64)
+    offsets, e_off = offsets - offsets[0], e_off - e_off[0]
+    if not np.array_equal(e_off, offsets):
+        row = int(np.flatnonzero(np.diff(e_off) != np.diff(offsets))[0])
+        raise ValueError(f"{where}: row {first_row + row}: '{columns[0]}' has {int(np.diff(offsets)[row])} gene ids "
+                         f"but '{columns[1]}' has {int(np.diff(e_off)[row])} values")
+    gid = genes.values.to_numpy(zero_copy_only=False)[genes.offsets[0].as_py():][: offsets[-1]].astype(np.int64)
+    val = expr.values.to_numpy(zero_copy_only=False)[expr.offsets[0].as_py():][: offsets[-1]].astype(np.float32)
+    n = len(offsets) - 1
+    # Drop Tahoe's leading CLS token (negative expression in the first position).
+    lengths = np.diff(offsets)
+    first = offsets[:-1][lengths > 0]
+    cls = first[val[first] < 0]
+    if len(cls):
+        keep = np.ones(len(val), dtype=bool)
+        keep[cls] = False
+        row_of = np.repeat(np.arange(n), lengths)
+        gid, val = gid[keep], val[keep]
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=n))])
+    bad = (gid < 0) | (gid >= len(lookup))
+    col = np.full(len(gid), -1, dtype=np.int64)
+    col[~bad] = lookup[gid[~bad]]
+    if np.any(col < 0):
+        unknown = np.unique(gid[col < 0])[:10].tolist()
+        raise ValueError(f"{where}: gene ids {unknown} are not in the gene metadata")
+    m = _csr(val, col.astype(np.int32), offsets, (n, num_genes))
+    m.sum_duplicates()  # also sorts the gene indices of each row
+    return m
+
+
 def _read_table(path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
@@ -361,8 +522,17 @@ def _read_table(path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t" if path.suffix in (".tsv", ".txt") else ",")
 
 
+HF_PREFIX = "hf://"
+
+
+def _is_hf_dataset(item) -> bool:
+    mod = type(item).__module__ or ""
+    return mod.startswith("datasets.") and type(item).__name__ in ("IterableDataset", "Dataset")
+
+
 def open_sources(inputs, *, layer=None, gene_key=None, parquet_options: dict | None = None) -> list:
-    """Open the inputs: paths to ``.h5ad``/``.parquet`` files, folders of them, or AnnData objects."""
+    """Open the inputs: paths to ``.h5ad``/``.parquet`` files, folders of them, AnnData objects,
+    ``hf://<Hub dataset id or local parquet folder>`` or `datasets` objects (streamed)."""
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     if not items:
         raise ValueError("no inputs given")
@@ -370,6 +540,10 @@ def open_sources(inputs, *, layer=None, gene_key=None, parquet_options: dict | N
     for i, item in enumerate(items):
         if hasattr(item, "obs") and hasattr(item, "X"):
             sources.append(AnnDataSource(item, name=f"adata{i}", layer=layer, gene_key=gene_key))
+            continue
+        if _is_hf_dataset(item) or (isinstance(item, str) and item.startswith(HF_PREFIX)):
+            spec = item[len(HF_PREFIX):] if isinstance(item, str) else item
+            sources.append(StreamingSource(spec, **(parquet_options or {})))
             continue
         path = Path(item)
         if path.is_dir():
