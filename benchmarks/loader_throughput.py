@@ -2,6 +2,7 @@
 
     python benchmarks/loader_throughput.py --workdir /tmp/perturbdiff-bench          # ~10 min
     python benchmarks/loader_throughput.py --cells 200000 --big-copies 2 --no-gzip    # quick
+    python benchmarks/loader_throughput.py --paired-only --cells 200000                # paired sets, ~3 min
 
 What it measures (each in a fresh child process, so every peak RSS is that step's own):
 
@@ -81,7 +82,8 @@ def child_build(a):
 def _dataset(a):
     from perturbdiff.data.loader import CellSetDataset
 
-    return CellSetDataset(a.atlas, set_size=a.set_size, batch_size=a.batch_size, seed=0, sparse=a.sparse)
+    return CellSetDataset(a.atlas, set_size=a.set_size, batch_size=a.batch_size, seed=0, sparse=a.sparse,
+                          pair_controls=a.pair)
 
 
 def child_loader(a):
@@ -106,6 +108,7 @@ def child_loader(a):
         "batches": a.batches,
         "workers": a.workers,
         "output": "sparse CSR" if a.sparse else "dense",
+        "paired_controls": a.pair,
         "peak_rss_mb": _rss_mb(),
         "rss_after_import_mb": base,
         "num_sets_per_epoch": ds.num_sets,
@@ -158,7 +161,33 @@ def child_reference(a):
             "peak_rss_mb": _rss_mb()}
 
 
-CHILDREN = {"generate": child_generate, "build": child_build, "loader": child_loader, "reference": child_reference}
+def child_pairing(a):
+    """The pairing alone on the loader's own sets: milliseconds per set (cdist + assignment)."""
+    import torch
+
+    from perturbdiff.data.pairing import pair_order
+
+    ds = _dataset(argparse.Namespace(**{**vars(a), "pair": False}))
+    it = iter(ds)
+    batches = [next(it) for _ in range(a.batches)]
+    t = time.time()
+    for b in batches:
+        pair_order(b["x0"], b["control"])
+    dt = time.time() - t
+    return {"ms_per_set": dt / (a.batches * a.batch_size) * 1e3, "sets": a.batches * a.batch_size, "torch_threads": torch.get_num_threads()}
+
+
+def child_synthetic(a):
+    from perturbdiff.data import make_synthetic_atlas
+
+    t = time.time()
+    make_synthetic_atlas(a.output, num_cells=a.cells, num_genes=a.genes, num_contexts=4, num_perturbations=20,
+                         overwrite=True)
+    return {"seconds": time.time() - t}
+
+
+CHILDREN = {"generate": child_generate, "build": child_build, "loader": child_loader, "reference": child_reference,
+            "pairing": child_pairing, "synthetic": child_synthetic}
 
 
 def run_child(step: str, **kw) -> dict:
@@ -178,6 +207,39 @@ def run_child(step: str, **kw) -> dict:
 
 
 # -- driver ------------------------------------------------------------------------------------------
+
+
+def _paired(a) -> int:
+    """Paired control sets (what a ``paired_control`` model trains on) at m = ``--set-size``: the loader's
+    cells/s with 0, 1 and 2 DataLoader workers, the pairing's own cost, and the projection to 16 cores
+    from the per-worker throughput."""
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    atlas = work / "atlas_paired.zarr"
+    common = dict(set_size=a.set_size, batch_size=a.batch_size, batches=a.batches)
+    out = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+           "config": {"cells": a.cells, "genes": a.genes, "set_size": a.set_size, "batch_size": a.batch_size,
+                      "cells_per_s_counts": "x0 + control cells, normalised dense float32 out"}}
+    _log(f"building a {a.cells:,}-cell synthetic atlas")
+    out["build"] = run_child("synthetic", output=atlas, cells=a.cells, genes=a.genes)
+    out["unpaired_0_workers"] = run_child("loader", atlas=atlas, **common)
+    for w in (0, 1, 2):
+        _log(f"paired, {w} worker(s)")
+        out[f"paired_{w}_workers"] = run_child("loader", atlas=atlas, pair=True, workers=w, **common)
+    out["pairing"] = run_child("pairing", atlas=atlas, **common)
+    paired0, unpaired0 = out["paired_0_workers"]["cells_per_s"], out["unpaired_0_workers"]["cells_per_s"]
+    per_worker = out["paired_1_workers"]["cells_per_s"]
+    out["summary"] = {
+        "paired_cells_per_s_by_workers": {w: out[f"paired_{w}_workers"]["cells_per_s"] for w in (0, 1, 2)},
+        "pairing_share_of_loader_time": 1 - paired0 / unpaired0,
+        "pairing_ms_per_set": out["pairing"]["ms_per_set"],
+        "pairing_share_of_training_step": 0.0,  # the trainer's step receives paired sets; it calls no pairing
+        "projected_16_cores_cells_per_s": 16 * per_worker,
+        "projection": "16 x the 1-worker figure (each worker one core; the main process only moves tensors)",
+        "target_cells_per_s": 300_000,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -207,10 +269,16 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sparse", action="store_true", help="child: normalised CSR out instead of dense")
+    p.add_argument("--pair", action="store_true", help="child: paired control sets (optimal transport)")
+    p.add_argument("--paired-only", action="store_true",
+                   help="only the paired-control measurements (0, 1, 2 workers; pairing cost; 16-core projection) "
+                        "on a synthetic atlas of --cells cells")
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
         return 0
+    if a.paired_only:
+        return _paired(a)
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
