@@ -3,6 +3,7 @@
     python benchmarks/loader_throughput.py --workdir /tmp/perturbdiff-bench          # ~10 min
     python benchmarks/loader_throughput.py --cells 200000 --big-copies 2 --no-gzip    # quick
     python benchmarks/loader_throughput.py --paired-only --cells 200000                # paired sets, ~3 min
+    python benchmarks/loader_throughput.py --scale --scale-copies 20 --epoch-fraction 0.02   # 20M cells, ~30 min
 
 What it measures (each in a fresh child process, so every peak RSS is that step's own):
 
@@ -177,6 +178,36 @@ def child_pairing(a):
     return {"ms_per_set": dt / (a.batches * a.batch_size) * 1e3, "sets": a.batches * a.batch_size, "torch_threads": torch.get_num_threads()}
 
 
+def child_s3loader(a):
+    """The 1M atlas's input built into moto's S3 server (its own process), then the loader from it."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from atlas_reads import _s3_server
+
+    from perturbdiff.data import Atlas
+    from perturbdiff.data.builder import build_atlas
+    from perturbdiff.data.synthetic import BUILD_COLUMNS
+
+    with _s3_server() as bucket:
+        uri = f"{bucket}/scale.zarr"
+        t = time.time()
+        build_atlas(a.inputs, uri, progress=False, **BUILD_COLUMNS)
+        build_s = time.time() - t
+        atlas = Atlas(uri)
+        from perturbdiff.data.loader import CellSetDataset
+
+        ds = CellSetDataset(atlas, set_size=a.set_size, batch_size=a.batch_size, seed=0)
+        it = iter(ds)
+        next(it)
+        before, t, n = atlas.requests, time.time(), 0
+        for _ in range(a.batches):
+            b = next(it)
+            n += b["x0"].shape[0] * b["x0"].shape[1] * 2
+        dt = time.time() - t
+        return {"build_seconds": build_s, "cells_per_s": n / dt, "batches": a.batches,
+                "requests_per_set": (atlas.requests - before) / (a.batches * a.batch_size),
+                "requests_per_set_counts": "a set and its control set", "peak_rss_mb": _rss_mb()}
+
+
 def child_synthetic(a):
     from perturbdiff.data import make_synthetic_atlas
 
@@ -187,7 +218,7 @@ def child_synthetic(a):
 
 
 CHILDREN = {"generate": child_generate, "build": child_build, "loader": child_loader, "reference": child_reference,
-            "pairing": child_pairing, "synthetic": child_synthetic}
+            "pairing": child_pairing, "synthetic": child_synthetic, "s3loader": child_s3loader}
 
 
 def run_child(step: str, **kw) -> dict:
@@ -207,6 +238,52 @@ def run_child(step: str, **kw) -> dict:
 
 
 # -- driver ------------------------------------------------------------------------------------------
+
+
+def _scale(a) -> int:
+    """The scale check: atlases of 1x and ``--scale-copies``x ``--cells`` cells (the copies are symlinks
+    of one generated input, each its own dataset), builder time and peak RSS for each, the loader's
+    cells/s and peak RSS on each over ``--epoch-fraction`` of an epoch's sets, and the loader against
+    moto's S3 server on the 1x atlas (cells/s, requests per set)."""
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    h5 = work / "input.h5ad"
+    common = dict(set_size=a.set_size, batch_size=a.batch_size)
+    out = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+           "config": {"cells": a.cells, "genes": a.genes, "copies": a.scale_copies, "set_size": a.set_size,
+                      "batch_size": a.batch_size, "epoch_fraction": a.epoch_fraction}}
+    if not (a.reuse and h5.exists()):
+        _log(f"generating {a.cells:,} x {a.genes:,} h5ad")
+        out["input"] = run_child("generate", output=h5, cells=a.cells, genes=a.genes, run_cells=a.run_cells)
+    for name, copies in (("1x", 1), (f"{a.scale_copies}x", a.scale_copies)):
+        inputs = []
+        for i in range(copies):
+            link = work / f"part{i:03d}.h5ad"
+            if link.exists() or link.is_symlink():
+                link.unlink()
+            link.symlink_to(h5)
+            inputs.append(link)
+        atlas = work / f"scale_{name}.zarr"
+        _log(f"building {atlas.name} ({copies * a.cells:,} cells)")
+        out[f"build_{name}"] = run_child("build", inputs=inputs, output=atlas)
+        sets = copies * a.cells // a.set_size  # an epoch: every cell once in a set, about
+        batches = max(1, int(a.epoch_fraction * sets / a.batch_size))
+        _log(f"loader on {atlas.name}: {batches} batches")
+        out[f"loader_{name}"] = run_child("loader", atlas=atlas, batches=batches, **common)
+        if copies > 1:
+            shutil.rmtree(atlas, ignore_errors=True)
+    if not a.no_s3:
+        _log("the 1x atlas built into moto's S3 server; loader from it")
+        out["s3_1x"] = run_child("s3loader", inputs=[work / "part000.h5ad"], batches=a.s3_batches, **common)
+    big = f"{a.scale_copies}x"
+    out["summary"] = {
+        "builder_peak_rss_mb": {k: out[f"build_{k}"]["peak_rss_mb"] for k in ("1x", big)},
+        "builder_seconds": {k: out[f"build_{k}"]["seconds"] for k in ("1x", big)},
+        "loader_peak_rss_mb": {k: out[f"loader_{k}"]["peak_rss_mb"] for k in ("1x", big)},
+        "loader_cells_per_s": {k: out[f"loader_{k}"]["cells_per_s"] for k in ("1x", big)},
+    }
+    print(json.dumps(out, indent=2))
+    return 0
 
 
 def _paired(a) -> int:
@@ -273,12 +350,20 @@ def main(argv=None) -> int:
     p.add_argument("--paired-only", action="store_true",
                    help="only the paired-control measurements (0, 1, 2 workers; pairing cost; 16-core projection) "
                         "on a synthetic atlas of --cells cells")
+    p.add_argument("--scale", action="store_true", help="only the scale check (see _scale): 1x and --scale-copies x "
+                                                        "--cells cells; builder and loader RSS and speed; S3 at 1x")
+    p.add_argument("--scale-copies", type=int, default=20)
+    p.add_argument("--epoch-fraction", type=float, default=1.0, help="--scale: fraction of an epoch's sets streamed")
+    p.add_argument("--s3-batches", type=int, default=20)
+    p.add_argument("--no-s3", action="store_true")
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
         return 0
     if a.paired_only:
         return _paired(a)
+    if a.scale:
+        return _scale(a)
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -361,6 +361,38 @@ def test_tahoe_layout_streamed_through_datasets_builds_the_same_atlas(tmp_path):
         build_atlas(f"hf://{tmp_path / 'nope'}", tmp_path / "bad3.zarr", **kw)
 
 
+def test_soma_experiment_with_an_obs_filter_builds_the_filtered_cells(source, tmp_path, capsys):
+    import tiledbsoma.io
+
+    adata = source[0].copy()
+    adata.obs["is_primary_data"] = np.arange(adata.n_obs) % 3 != 0
+    uri = str(tmp_path / "census")
+    tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA")  # X layer "data", var index as var_id
+    query = "is_primary_data == True and cell_type != 'monocyte'"
+    kw = dict(BUILD_COLUMNS, **SMALL)
+    got = ad.read_zarr(build_atlas(f"soma://{uri}", tmp_path / "soma.zarr", obs_filter=query, **kw))
+    keep = adata[adata.obs["is_primary_data"].to_numpy() & (adata.obs["cell_type"] != "monocyte").to_numpy()]
+    want = ad.read_zarr(build_atlas(keep.copy(), tmp_path / "direct.zarr", **kw))
+    assert got.n_obs == keep.n_obs > 0 and list(got.var_names) == list(adata.var_names)
+    assert sorted(got.obs_names) == sorted(want.obs_names)
+    order = pd.Index(want.obs_names).get_indexer(got.obs_names)
+    assert (got.X != want.X[order]).nnz == 0
+    assert (got.obs["perturbation"].astype(str).to_numpy() == want.obs["perturbation"].astype(str).to_numpy()[order]).all()
+    assert Atlas(tmp_path / "soma.zarr").metadata["sources"][0]["kind"] == "soma"
+
+    with pytest.raises(ValueError, match="the obs filter \"tissue_general == 'blood'\" does not parse or names no obs column"):
+        build_atlas(f"soma://{uri}", tmp_path / "x.zarr", obs_filter="tissue_general == 'blood'", **kw)
+    with pytest.raises(ValueError, match="matches no cells"):
+        build_atlas(f"soma://{uri}", tmp_path / "y.zarr", obs_filter="cell_type == 'neuron'", **kw)
+    from perturbdiff.cli import main
+
+    args = ["atlas", "build", f"soma://{uri}", "-o", str(tmp_path / "cli.zarr"), "--perturbation-key", "perturbation",
+            "--context-key", "cell_type", "--batch-key", "batch", "--quiet", "--obs-filter", "is_primary_data == False"]
+    assert main(args) == 0 and Atlas(tmp_path / "cli.zarr").num_cells == int((~adata.obs["is_primary_data"]).sum())
+    assert main(["atlas", "build", f"soma://{tmp_path / 'none'}", "-o", str(tmp_path / "z.zarr"), "--quiet"]) == 2
+    assert "no SOMA experiment there" in capsys.readouterr().err
+
+
 # -- CLI, synthetic default, cell typing -----------------------------------------------------------
 
 

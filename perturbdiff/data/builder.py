@@ -236,6 +236,8 @@ def build_atlas(
     gene_id_column: str = "token_id",
     gene_name_column: str = "gene_symbol",
     obs_names_key: str | None = None,
+    obs_filter: str | None = None,
+    soma_measurement: str = "RNA",
     n_top_genes: int = 2000,
     block_cells: int = 16384,
     chunk_elems: int = 32768,
@@ -266,6 +268,9 @@ def build_atlas(
             non-integral are kept rescaled and counted in the store's metadata.
         genes_column, expressions_column, gene_metadata, gene_id_column, gene_name_column,
             obs_names_key: parquet (Tahoe-100M layout) options, see `ParquetSource`.
+        obs_filter, soma_measurement: for ``soma://`` inputs (TileDB-SOMA / CELLxGENE Census), the obs
+            value filter (e.g. ``"is_primary_data == True and tissue_general == 'blood'"``) and the
+            measurement; see `SomaSource`. ``layer`` names the SOMA X layer, ``gene_key`` its var column.
         n_top_genes: how many highly variable genes to flag in ``var["highly_variable"]``.
         block_cells: cells per streamed block (bounds the builder's memory).
         chunk_elems, shard_chunks: Zarr chunking of X (values per chunk, chunks per shard file).
@@ -288,7 +293,8 @@ def build_atlas(
         gene_name_column=gene_name_column,
         obs_names_key=obs_names_key,
     )
-    sources = open_sources(inputs, layer=layer, gene_key=gene_key, parquet_options=parquet_options)
+    sources = open_sources(inputs, layer=layer, gene_key=gene_key, parquet_options=parquet_options,
+                           soma_options={"measurement": soma_measurement, "obs_filter": obs_filter})
     spool = None
     try:
         # ---- pass 1: obs → groups and destination rows ------------------------------------------

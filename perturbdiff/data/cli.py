@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = atlas.add_subparsers(dest="atlas_command", required=True)
 
     b = sub.add_parser("build", help="build an atlas from .h5ad files, folders of them, or Tahoe-layout parquet")
-    b.add_argument("inputs", nargs="+", help=".h5ad / .parquet files or folders of them, or hf://DATASET (a Hub id or local parquet folder, streamed through Hugging Face datasets)")
+    b.add_argument("inputs", nargs="+", help=".h5ad / .parquet files or folders of them; hf://DATASET (a Hub id or local parquet folder, streamed through Hugging Face datasets); soma://URI (a TileDB-SOMA experiment, with --obs-filter)")
     b.add_argument("-o", "--output", required=True, help="the atlas to write (*.zarr): a path, or s3://, gs://, az:// (written in place; credentials from the environment)")
     g = b.add_argument_group("column mapping (obs columns of the inputs)")
     g.add_argument("--perturbation-key", default="perturbation", help="perturbation column (default: %(default)s)")
@@ -47,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--gene-id-column", default="token_id")
     g.add_argument("--gene-name-column", default="gene_symbol")
     g.add_argument("--obs-names-key", help="column with unique cell ids")
+    g = b.add_argument_group("TileDB-SOMA / CELLxGENE Census (inputs soma://URI)")
+    g.add_argument("--obs-filter", help="SOMA obs value filter, e.g. \"is_primary_data == True and tissue_general == 'blood'\"")
+    g.add_argument("--soma-measurement", default="RNA", help="the measurement (default: RNA); --layer names its X layer")
     g = b.add_argument_group("storage")
     g.add_argument("--block-cells", type=int, default=16384, help="cells per streamed block (bounds memory)")
     g.add_argument("--chunk-elems", type=int, default=32768, help="values per compressed chunk of X")
@@ -110,6 +113,8 @@ def _build(args) -> int:
         gene_id_column=args.gene_id_column,
         gene_name_column=args.gene_name_column,
         obs_names_key=args.obs_names_key,
+        obs_filter=args.obs_filter,
+        soma_measurement=args.soma_measurement,
         n_top_genes=args.n_top_genes,
         block_cells=args.block_cells,
         chunk_elems=args.chunk_elems,

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["H5adSource", "AnnDataSource", "ParquetSource", "StreamingSource", "open_sources", "row_windows"]
+__all__ = ["H5adSource", "AnnDataSource", "ParquetSource", "SomaSource", "StreamingSource", "open_sources", "row_windows"]
 
 # Rows further apart than this are read as separate windows; closer ones share a read (at most
 # MAX_GAP unneeded rows are read per needed row, which bounds the waste).
@@ -443,6 +443,109 @@ class StreamingSource:
         self._stream = None
 
 
+class SomaSource:
+    """A TileDB-SOMA experiment (the CELLxGENE Census format), optionally filtered on obs.
+
+    The filter is a SOMA ``value_filter`` on obs, the query a user writes against the Census (e.g.
+    ``is_primary_data == True and tissue_general == 'blood'``). Only the matching cells' joinids are
+    held (8 bytes a cell); obs columns are read one at a time for those cells, and X in row windows
+    by joinid, so memory stays bounded by the builder's block size.
+
+    Args:
+        uri: the experiment (a local path or any URI tiledbsoma opens, e.g. ``s3://``).
+        measurement: the measurement holding the RNA data (``"RNA"``).
+        layer: the X layer (default: ``"raw"`` if present, else ``"data"``, else the only one).
+        obs_filter: the obs value filter (None: every cell).
+        gene_key: the var column with gene names (default: ``var_id``, else ``feature_name``).
+    """
+
+    kind = "soma"
+
+    def __init__(self, uri: str, *, measurement: str = "RNA", layer: str | None = None,
+                 obs_filter: str | None = None, gene_key: str | None = None):
+        try:
+            import tiledbsoma
+        except ImportError as err:
+            raise ValueError(f"soma://{uri}: reading TileDB-SOMA needs the soma extra: pip install 'perturbdiff[soma]'") from err
+        self.uri, self.name, self.path, self.sparse = str(uri), f"soma://{uri}", None, True
+        self.stem = self.uri.rstrip("/").rsplit("/", 1)[-1]
+        if not tiledbsoma.Experiment.exists(self.uri):
+            raise FileNotFoundError(f"input {self.name}: no SOMA experiment there")
+        self.exp = tiledbsoma.Experiment.open(self.uri)
+        if measurement not in self.exp.ms:
+            raise ValueError(f"{self.name}: no measurement {measurement!r}; measurements: {list(self.exp.ms.keys())}")
+        ms = self.exp.ms[measurement]
+        layers = list(ms.X.keys())
+        if layer is None:
+            layer = next((name for name in ("raw", "data") if name in layers), layers[0] if len(layers) == 1 else None)
+            if layer is None:
+                raise ValueError(f"{self.name}: several X layers {layers}; choose one with --layer")
+        elif layer not in layers:
+            raise ValueError(f"{self.name}: no X layer {layer!r} (--layer); layers: {layers}")
+        self.layer, self._X = layer, ms.X[layer]
+        try:
+            query = self.exp.axis_query(measurement, obs_query=tiledbsoma.AxisQuery(value_filter=obs_filter))
+            self._joinids = np.sort(query.obs_joinids().to_numpy().astype(np.int64))
+        except Exception as err:
+            raise ValueError(f"{self.name}: the obs filter {obs_filter!r} does not parse or names no obs column: "
+                             f"{str(err).splitlines()[0]}") from err
+        self.num_cells = len(self._joinids)
+        if self.num_cells == 0:
+            raise ValueError(f"{self.name}: the obs filter {obs_filter!r} matches no cells")
+        self._columns = [c for c in self.exp.obs.schema.names if c not in ("soma_joinid", "obs_id")]
+        var = ms.var.read().concat().to_pandas()
+        key = gene_key or next((c for c in ("var_id", "feature_name") if c in var.columns), None)
+        if key not in var.columns:
+            raise ValueError(f"{self.name}: var has no column {key!r} (--gene-key); columns: {list(var.columns)}")
+        self._gene_names = _as_str(var[key])
+        var_ids = var["soma_joinid"].to_numpy().astype(np.int64)
+        self._var_lookup = np.full(int(var_ids.max()) + 1, -1, dtype=np.int64)
+        self._var_lookup[var_ids] = np.arange(len(var_ids))
+        self.num_genes = len(var_ids)
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return list(self._columns)
+
+    def _obs(self, name: str) -> np.ndarray:
+        out = []
+        step = 1 << 20
+        for a in range(0, self.num_cells, step):
+            ids = self._joinids[a : a + step]
+            t = self.exp.obs.read(coords=(ids,), column_names=["soma_joinid", name]).concat().to_pandas()
+            out.append(t.set_index("soma_joinid")[name].reindex(ids).to_numpy())
+        return np.concatenate(out)
+
+    def obs_column(self, name: str):
+        return self._obs(name)
+
+    def obs_names(self) -> np.ndarray:
+        if "obs_id" in self.exp.obs.schema.names:
+            return _as_str(self._obs("obs_id"))
+        return np.array([f"{self.stem}:{j}" for j in self._joinids], dtype=object)
+
+    def gene_names(self) -> np.ndarray:
+        return self._gene_names
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = []
+        for first, last, pos in row_windows(rows, max_gap=1 << 30):  # one windowed read per bounded block
+            ids = self._joinids[rows[pos]]
+            t = self._X.read(coords=(ids, slice(None))).tables().concat()
+            r = np.searchsorted(ids, t.column("soma_dim_0").to_numpy())
+            c = self._var_lookup[t.column("soma_dim_1").to_numpy()]
+            m = sp.csr_matrix((t.column("soma_data").to_numpy().astype(np.float32), (r, c)), shape=(len(ids), self.num_genes))
+            m.sum_duplicates()
+            parts.append(m)
+        if not parts:
+            return sp.csr_matrix((0, self.num_genes), dtype=np.float32)
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+    def close(self) -> None:
+        self.exp.close()
+
+
 def _is_text(column) -> bool:
     import pyarrow as pa
 
@@ -523,6 +626,7 @@ def _read_table(path) -> pd.DataFrame:
 
 
 HF_PREFIX = "hf://"
+SOMA_PREFIX = "soma://"
 
 
 def _is_hf_dataset(item) -> bool:
@@ -530,9 +634,11 @@ def _is_hf_dataset(item) -> bool:
     return mod.startswith("datasets.") and type(item).__name__ in ("IterableDataset", "Dataset")
 
 
-def open_sources(inputs, *, layer=None, gene_key=None, parquet_options: dict | None = None) -> list:
+def open_sources(inputs, *, layer=None, gene_key=None, parquet_options: dict | None = None,
+                 soma_options: dict | None = None) -> list:
     """Open the inputs: paths to ``.h5ad``/``.parquet`` files, folders of them, AnnData objects,
-    ``hf://<Hub dataset id or local parquet folder>`` or `datasets` objects (streamed)."""
+    ``hf://<Hub dataset id or local parquet folder>`` or `datasets` objects (streamed), or
+    ``soma://<experiment URI>`` (TileDB-SOMA; ``soma_options``: measurement, obs_filter)."""
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     if not items:
         raise ValueError("no inputs given")
@@ -540,6 +646,9 @@ def open_sources(inputs, *, layer=None, gene_key=None, parquet_options: dict | N
     for i, item in enumerate(items):
         if hasattr(item, "obs") and hasattr(item, "X"):
             sources.append(AnnDataSource(item, name=f"adata{i}", layer=layer, gene_key=gene_key))
+            continue
+        if isinstance(item, str) and item.startswith(SOMA_PREFIX):
+            sources.append(SomaSource(item[len(SOMA_PREFIX):], layer=layer, gene_key=gene_key, **(soma_options or {})))
             continue
         if _is_hf_dataset(item) or (isinstance(item, str) and item.startswith(HF_PREFIX)):
             spec = item[len(HF_PREFIX):] if isinstance(item, str) else item
