@@ -133,3 +133,14 @@ def test_population_calibration_smoke_run_on_synthetic_replicates(tmp_path):
         assert all(math.isfinite(c["pred_between"]) for c in part["conditions"]) and math.isfinite(part["ratio"])
     saved = json.loads((tmp_path / "populations_synthetic.json").read_text())
     assert saved["response_spread=0.5"]["ratio"] == on["ratio"]
+
+
+def test_atlas_reads_smoke_run_reads_the_same_values_with_every_reader(tmp_path, capsys):
+    import atlas_reads
+
+    doc = atlas_reads.main(["--cells", "3000", "--genes", "50", "--set-size", "64", "--sets", "5", "--batches", "1",
+                            "--workdir", str(tmp_path)])
+    for place in ("local", "s3"):
+        assert doc[place]["same_values_read"] and doc[place]["own"]["read_ratio_to_own"] == 1.0
+        assert doc[place]["zarr"]["read_cells_per_s"] > 0
+    assert 0 < doc["s3"]["own"]["requests_per_set"] <= 4  # indptr, indices, data (+ a window across shards)
