@@ -380,7 +380,7 @@ def test_soma_experiment_with_an_obs_filter_builds_the_filtered_cells(source, tm
     assert (got.obs["perturbation"].astype(str).to_numpy() == want.obs["perturbation"].astype(str).to_numpy()[order]).all()
     assert Atlas(tmp_path / "soma.zarr").metadata["sources"][0]["kind"] == "soma"
 
-    with pytest.raises(ValueError, match="the obs filter \"tissue_general == 'blood'\" does not parse or names no obs column"):
+    with pytest.raises(ValueError, match="the filter \"tissue_general == 'blood'\" failed \\(a filter that does not parse or names no obs column"):
         build_atlas(f"soma://{uri}", tmp_path / "x.zarr", obs_filter="tissue_general == 'blood'", **kw)
     with pytest.raises(ValueError, match="matches no cells"):
         build_atlas(f"soma://{uri}", tmp_path / "y.zarr", obs_filter="cell_type == 'neuron'", **kw)

@@ -141,6 +141,7 @@ def test_atlas_reads_smoke_run_reads_the_same_values_with_every_reader(tmp_path,
     doc = atlas_reads.main(["--cells", "3000", "--genes", "50", "--set-size", "64", "--sets", "5", "--batches", "1",
                             "--workdir", str(tmp_path)])
     for place in ("local", "s3"):
-        assert doc[place]["same_values_read"] and doc[place]["own"]["read_ratio_to_own"] == 1.0
-        assert doc[place]["zarr"]["read_cells_per_s"] > 0
+        # own and zarr (and zarrs, where installed) read byte-identical windows
+        assert doc[place]["same_values_read"] is True
+        assert doc[place]["own"]["nnz"] > 0 and doc[place]["own"]["sha256"] == doc[place]["zarr"]["sha256"]
     assert 0 < doc["s3"]["own"]["requests_per_set"] <= 4  # indptr, indices, data (+ a window across shards)

@@ -578,6 +578,10 @@ class CellSetLoader:
         self.kwargs = dict(num_workers=num_workers, pin_memory=pin_memory, **kwargs)
         if num_workers > 0 and prefetch_factor is not None:
             self.kwargs["prefetch_factor"] = prefetch_factor
+        if num_workers > 0 and any(src.atlas.remote for src in dataset.sources):
+            # obstore's client does not survive fork once the parent has used it (a forked worker's
+            # requests never return): workers on an object-store atlas are spawned, and re-open it
+            self.kwargs.setdefault("multiprocessing_context", "spawn")
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -6,9 +6,10 @@ crate), which zarr 3 uses as ``zarr.storage.ObjectStore``. obstore over fsspec/s
 client for S3, GCS and Azure with credentials from the usual environment variables
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` / ``AWS_PROFILE``,
 ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_ACCOUNT_NAME`` / ``AZURE_STORAGE_ACCOUNT_KEY``, ...),
-no event loop or thread pool of its own to manage in DataLoader workers, and a ``get_ranges`` call
+and a ``get_ranges`` call
 that fetches several byte ranges of one object at once, which is what the atlas reader needs: a
-cell set is a few coalesced range requests, not one request per chunk.
+cell set is a few coalesced range requests, not one request per chunk. (obstore's client does not
+survive ``fork`` once used, so DataLoader workers on a remote atlas are spawned: `CellSetLoader`.)
 
 Object stores have no rename, so a remote atlas is written in place and made valid by the
 completeness marker, which `AtlasWriter` writes last; a store without it is refused on open.
@@ -20,9 +21,9 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
-__all__ = ["REMOTE_SCHEMES", "RemoteStore", "RemoteStoreError", "as_location", "is_remote", "location_name"]
+__all__ = ["REMOTE_SCHEMES", "RemoteStore", "RemoteStoreError", "as_location", "explain", "is_remote", "location_name"]
 
-REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure", "adl")
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "adl")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Byte ranges of one object closer than this are fetched as one request (the gap is read and dropped).
 COALESCE_BYTES = 1 << 20
@@ -64,13 +65,14 @@ def location_name(location) -> str:
     return Path(location).name
 
 
-def _explain(uri: str, err: Exception) -> RemoteStoreError:
+def explain(uri: str, err: Exception) -> RemoteStoreError:
     """One line that says what went wrong with ``uri`` (obstore's errors carry a page of debug text)."""
     text = str(err)
     first = text.split("\n", 1)[0]
     bucket = uri.split("://", 1)[1].split("/", 1)[0]
     if "169.254.169.254" in text or "credential" in text.lower() or "InvalidAccessKeyId" in text or "403" in first:
-        why = ("no usable credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+        why = ("access denied or no usable credentials (opening an atlas needs read and list permission on its "
+               "prefix): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
                "GOOGLE_APPLICATION_CREDENTIALS, or AZURE_STORAGE_ACCOUNT_NAME/AZURE_STORAGE_ACCOUNT_KEY; "
                "AWS_SKIP_SIGNATURE=true for a public bucket")
     elif "NoSuchBucket" in text or ("404" in first and "list" in first.lower()):
@@ -127,7 +129,7 @@ class RemoteStore:
         except FileNotFoundError:
             raise
         except Exception as err:
-            raise _explain(self.uri, err) from err
+            raise explain(self.uri, err) from err
 
     # -- objects ---------------------------------------------------------------------------------------
 

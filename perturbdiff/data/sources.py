@@ -487,8 +487,8 @@ class SomaSource:
             query = self.exp.axis_query(measurement, obs_query=tiledbsoma.AxisQuery(value_filter=obs_filter))
             self._joinids = np.sort(query.obs_joinids().to_numpy().astype(np.int64))
         except Exception as err:
-            raise ValueError(f"{self.name}: the obs filter {obs_filter!r} does not parse or names no obs column: "
-                             f"{str(err).splitlines()[0]}") from err
+            raise ValueError(f"{self.name}: querying obs with the filter {obs_filter!r} failed (a filter that does not "
+                             f"parse or names no obs column fails here): {str(err).splitlines()[0]}") from err
         self.num_cells = len(self._joinids)
         if self.num_cells == 0:
             raise ValueError(f"{self.name}: the obs filter {obs_filter!r} matches no cells")

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .remote import RemoteStoreError, as_location, is_remote, location_name
+from .remote import explain as explain_remote_error
 
 __all__ = [
     "FORMAT_VERSION",
@@ -161,9 +162,11 @@ class AtlasWriter:
             # marker, written last, makes it valid. Replacing one removes the old objects first.
             self.path = self.location.uri
             if self.location.any():
-                if not overwrite:
-                    raise ValueError(f"{self.path} already exists; pass overwrite=True (--overwrite) to replace it")
-                self.location.delete_all()
+                # Replacing would delete the old atlas before the new one is complete (no rename on
+                # an object store): a failed build would then lose both. The user deletes it, knowingly.
+                raise ValueError(f"{self.path} already exists; an atlas in an object store is not replaced in place "
+                                 "(the old one would be gone before the new one is complete): build to a new prefix, "
+                                 "or delete this one first (e.g. `aws s3 rm --recursive`)")
             store = self.location.zarr_store(read_only=False)
         else:
             self.path = self.location
@@ -220,8 +223,9 @@ class AtlasWriter:
 
     def finish(
         self, *, obs: pd.DataFrame, obs_names: np.ndarray, var: pd.DataFrame, groups: pd.DataFrame, metadata: dict
-    ) -> Path:
-        """Write obs/var/uns and the metadata, mark the store complete, and move it into place.
+    ):
+        """Write obs/var/uns and the metadata, mark the store complete, and move it into place (local;
+        returns the Path) or leave it where it is (an object store; returns the URI).
 
         ``obs`` holds the columns (its index is ignored); ``obs_names`` the cell names in row order as
         UTF-8 bytes (numpy ``S`` dtype), written in chunks so that millions of names never exist as
@@ -491,6 +495,8 @@ class Atlas:
         except RemoteStoreError:
             raise
         except Exception as err:  # not a zarr store at all
+            if self.remote:  # or the store failed mid-open (timeout, throttling): say which, in one line
+                raise explain_remote_error(self.path, err) from err
             raise AtlasError(f"{self.path} is not a Zarr store: {err}") from err
         meta = dict(root.attrs).get(_ATTR)
         if meta is None:
