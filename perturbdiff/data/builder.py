@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from ..expression import INTEGER_TOL, LOG1P_MAX, log1p_to_counts, row_sums
 from .sources import open_sources
-from .remote import as_location, location_name
+from .remote import as_location, location_name, scratch_path
 from .store import GROUP_KEYS, AtlasWriter
 
 __all__ = ["build_atlas", "ensure_atlas", "highly_variable_genes"]
@@ -409,13 +409,7 @@ def build_atlas(
             output, num_genes=num_genes, chunk_elems=chunk_elems, shard_chunks=shard_chunks, codec=codec, overwrite=overwrite
         ) as writer:
             if spooled:
-                if writer.remote:  # a local scratch folder
-                    import tempfile
-                    import uuid
-
-                    spool = _Spool(Path(tempfile.gettempdir()) / f"perturbdiff-spool-{uuid.uuid4().hex[:12]}")
-                else:
-                    spool = _Spool(writer.path.parent / f".{writer.path.name}.spool-{writer.tmp.name[-8:]}")
+                spool = _Spool(scratch_path(writer.location, f"spool-{writer.run_id}"))
                 dest = np.empty(n_total, dtype=np.int64)
                 dest[final_cells] = np.arange(n_total)
                 for s in spooled:

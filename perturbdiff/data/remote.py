@@ -21,7 +21,8 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
-__all__ = ["REMOTE_SCHEMES", "RemoteStore", "RemoteStoreError", "as_location", "explain", "is_remote", "location_name"]
+__all__ = ["REMOTE_SCHEMES", "RemoteStore", "RemoteStoreError", "as_location", "explain", "is_remote", "location_name",
+           "scratch_path"]
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "adl")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -63,6 +64,19 @@ def location_name(location) -> str:
     if isinstance(location, (str, RemoteStore)) and is_remote(location):
         return str(location).rstrip("/").rsplit("/", 1)[-1]
     return Path(location).name
+
+
+def scratch_path(location, tag: str) -> Path:
+    """A local scratch file or folder for work on ``location``: its hidden sibling ``.NAME.TAG`` for a
+    local path (so leftovers of a killed run sit beside it), ``perturbdiff-NAME.TAG`` in the
+    temporary folder for an object store."""
+    if is_remote(location):
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"perturbdiff-{location_name(location)}.{tag}"
+    location = Path(location)
+    location.parent.mkdir(parents=True, exist_ok=True)
+    return location.parent / f".{location.name}.{tag}"
 
 
 def explain(uri: str, err: Exception) -> RemoteStoreError:
@@ -163,11 +177,6 @@ class RemoteStore:
             return False
 
         return self._call(first)
-
-    def size(self, key: str) -> int:
-        import obstore
-
-        return int(self._call(obstore.head, self.store, key)["size"])
 
     def read_suffix(self, key: str, nbytes: int) -> bytes:
         """The last ``nbytes`` of an object (one request)."""

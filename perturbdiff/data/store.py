@@ -157,9 +157,10 @@ class AtlasWriter:
         compressors = _codecs(codec)
         self.location = as_location(path)
         self.remote = is_remote(self.location)
+        self.run_id = uuid.uuid4().hex[:8]  # names this build's scratch (partial store, spool)
         if self.remote:
             # No rename on an object store: the atlas is written in place and only the completeness
-            # marker, written last, makes it valid. Replacing one removes the old objects first.
+            # marker, written last, makes it valid.
             self.path = self.location.uri
             if self.location.any():
                 # Replacing would delete the old atlas before the new one is complete (no rename on
@@ -173,7 +174,7 @@ class AtlasWriter:
             if self.path.exists() and not overwrite:
                 raise ValueError(f"{self.path} already exists; pass overwrite=True (--overwrite) to replace it")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
+            self.tmp = self.path.parent / f".{self.path.name}.partial-{self.run_id}"
             store = str(self.tmp)
         self.num_genes = int(num_genes)
         self.num_cells = 0
@@ -342,11 +343,10 @@ class _LocalFiles:
             self._fds[key] = fd
         return fd
 
-    def size(self, key: str) -> int:
-        return os.fstat(self._fd(key)).st_size
-
     def read_suffix(self, key: str, nbytes: int) -> bytes:
-        return os.pread(self._fd(key), nbytes, self.size(key) - nbytes)
+        """The last ``nbytes`` (the whole file if it is shorter, as an object store's suffix range)."""
+        fd = self._fd(key)
+        return os.pread(fd, nbytes, max(os.fstat(fd).st_size - nbytes, 0))
 
     def read_ranges(self, key: str, ranges) -> list[bytes]:
         fd = self._fd(key)
@@ -402,8 +402,6 @@ class _ShardReader:
 
             nbytes = self.per_shard * 16 + 4
             try:
-                if isinstance(self.files, _LocalFiles) and self.files.size(self._key(shard)) < nbytes:
-                    raise self._error("file shorter than its index", shard)
                 raw = self.files.read_suffix(self._key(shard), nbytes)
             except FileNotFoundError:
                 raise self._missing(shard) from None

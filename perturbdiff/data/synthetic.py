@@ -313,7 +313,7 @@ def make_synthetic_atlas(
     """
     from .builder import build_atlas
 
-    from .remote import as_location, is_remote
+    from .remote import as_location, scratch_path
 
     path = as_location(path)
     kwargs = dict(BUILD_COLUMNS, dataset_name="synthetic", overwrite=overwrite, progress=progress, seed=seed)
@@ -322,13 +322,7 @@ def make_synthetic_atlas(
     if num_cells <= 200_000:
         adata = make_synthetic_adata(num_cells=num_cells, response_spread=response_spread, seed=seed, **shape)
         return build_atlas(adata, path, **kwargs)
-    if is_remote(path):  # the temporary input on local scratch
-        import tempfile
-
-        h5 = Path(tempfile.gettempdir()) / f"perturbdiff-synthetic-{uuid.uuid4().hex[:8]}.h5ad"
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h5 = path.with_name(f".{path.name}.input-{uuid.uuid4().hex[:8]}.h5ad")
+    h5 = scratch_path(path, f"input-{uuid.uuid4().hex[:8]}.h5ad")
     try:
         write_synthetic_h5ad(h5, num_cells=num_cells, response_spread=response_spread, seed=seed, progress=progress, **shape)
         return build_atlas(h5, path, **kwargs)
