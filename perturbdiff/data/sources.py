@@ -218,7 +218,35 @@ class AnnDataSource:
         pass
 
 
-class ParquetSource:
+class _ListLayout:
+    """What the Tahoe-layout sources share: one row per cell with a gene-id list, a parallel
+    expression list and metadata columns; the metadata columns are obs, the cells' default names
+    are ``"<stem>:<row>"``."""
+
+    def _list_columns(self, names: list[str], genes_column: str, expressions_column: str, obs_names_key) -> None:
+        for col, flag in ((genes_column, "--genes-column"), (expressions_column, "--expressions-column")):
+            if col not in names:
+                raise ValueError(f"{self.name}: no column '{col}' ({flag}); columns present: {names}")
+        self._genes_col, self._expr_col = genes_column, expressions_column
+        self._columns = [c for c in names if c not in (genes_column, expressions_column)]
+        self._obs_names_key = obs_names_key
+
+    @property
+    def obs_columns(self) -> list[str]:
+        return list(self._columns)
+
+    def obs_names(self) -> np.ndarray:
+        if self._obs_names_key is not None:
+            if self._obs_names_key not in self._columns:
+                raise ValueError(f"{self.name}: no column '{self._obs_names_key}'; columns present: {self._columns}")
+            return _as_str(self.obs_column(self._obs_names_key))
+        return np.array([f"{self.stem}:{i}" for i in range(self.num_cells)], dtype=object)
+
+    def gene_names(self) -> np.ndarray:
+        return self._gene_names
+
+
+class ParquetSource(_ListLayout):
     """Hugging Face ``datasets`` parquet in the Tahoe-100M layout: one row per cell with a list of gene
     ids, a parallel list of expression values, and metadata columns (drug, cell_line_id, plate, ...).
 
@@ -250,18 +278,12 @@ class ParquetSource:
         import pyarrow.parquet as pq
 
         self.path = Path(path)
-        self.name = str(self.path)
+        self.name, self.stem = str(self.path), self.path.stem
         if not self.path.is_file():
             raise FileNotFoundError(f"input {self.path} does not exist")
         self.layer = None
         self.file = pq.ParquetFile(self.path)
-        schema_names = list(self.file.schema_arrow.names)
-        for col, flag in ((genes_column, "--genes-column"), (expressions_column, "--expressions-column")):
-            if col not in schema_names:
-                raise ValueError(f"{self.name}: no column '{col}' ({flag}); columns present: {schema_names}")
-        self._genes_col, self._expr_col = genes_column, expressions_column
-        self._columns = [c for c in schema_names if c not in (genes_column, expressions_column)]
-        self._obs_names_key = obs_names_key
+        self._list_columns(list(self.file.schema_arrow.names), genes_column, expressions_column, obs_names_key)
         self.num_cells = self.file.metadata.num_rows
         rg_rows = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
         self._rg_start = np.concatenate([[0], np.cumsum(rg_rows)]).astype(np.int64)
@@ -269,30 +291,13 @@ class ParquetSource:
         max_id = -1
         if gene_metadata is None:
             for batch in self.file.iter_batches(columns=[genes_column], batch_size=65536):
-                values = batch.column(0).values.to_numpy(zero_copy_only=False)
-                if len(values):
-                    max_id = max(max_id, int(values.max()))
+                max_id = _largest_id(batch.column(0), max_id)
         self._lookup, self._gene_names = _gene_lookup(gene_metadata, gene_id_column, gene_name_column, max_id)
         self.num_genes = len(self._gene_names)
         self.sparse = True
 
-    @property
-    def obs_columns(self) -> list[str]:
-        return list(self._columns)
-
     def obs_column(self, name: str):
         return self.file.read(columns=[name]).column(0).to_pandas().to_numpy()
-
-    def obs_names(self) -> np.ndarray:
-        if self._obs_names_key is not None:
-            if self._obs_names_key not in self._columns:
-                raise ValueError(f"{self.name}: no column '{self._obs_names_key}'; columns present: {self._columns}")
-            return _as_str(self.obs_column(self._obs_names_key))
-        stem = self.path.stem
-        return np.array([f"{stem}:{i}" for i in range(self.num_cells)], dtype=object)
-
-    def gene_names(self) -> np.ndarray:
-        return self._gene_names
 
     def _row_group(self, i: int) -> sp.csr_matrix:
         if self._cache is not None and self._cache[0] == i:
@@ -317,7 +322,7 @@ class ParquetSource:
         self._cache = None
 
 
-class StreamingSource:
+class StreamingSource(_ListLayout):
     """A Hugging Face ``datasets`` source in the Tahoe-100M layout, read as a stream, never whole.
 
     ``spec`` is a Hub dataset id (``tahoebio/Tahoe-100M``), a local folder or file pattern of parquet
@@ -358,13 +363,7 @@ class StreamingSource:
         self.path, self.layer, self.sparse = None, None, True
         self.stem = self.name.rstrip("/").rsplit("/", 1)[-1]  # the default dataset name
         self.ds, self.batch_rows = ds, int(batch_rows)
-        names = list(ds.column_names or ds.features or [])
-        for col, flag in ((genes_column, "--genes-column"), (expressions_column, "--expressions-column")):
-            if col not in names:
-                raise ValueError(f"{self.name}: no column '{col}' ({flag}); columns present: {names}")
-        self._genes_col, self._expr_col = genes_column, expressions_column
-        self._columns = [c for c in names if c not in (genes_column, expressions_column)]
-        self._obs_names_key = obs_names_key
+        self._list_columns(list(ds.column_names or ds.features or []), genes_column, expressions_column, obs_names_key)
         # The metadata pass: every non-list column, batch by batch (and the largest gene id if needed).
         parts: dict[str, list] = {c: [] for c in self._columns}
         max_id, n = -1, 0
@@ -374,9 +373,7 @@ class StreamingSource:
                 parts[c].append(pd.Categorical(batch.column(c).to_pandas()) if _is_text(batch.column(c)) else
                                 batch.column(c).to_numpy(zero_copy_only=False))
             if gene_metadata is None:
-                values = batch.column(genes_column).combine_chunks().values.to_numpy(zero_copy_only=False)
-                if len(values):
-                    max_id = max(max_id, int(values.max()))
+                max_id = _largest_id(batch.column(genes_column), max_id)
             n += batch.num_rows
         self.num_cells = n
         self._obs = {c: _concat(v) for c, v in parts.items()}
@@ -393,22 +390,8 @@ class StreamingSource:
             if close is not None:
                 close()
 
-    @property
-    def obs_columns(self) -> list[str]:
-        return list(self._columns)
-
     def obs_column(self, name: str):
         return self._obs[name]
-
-    def obs_names(self) -> np.ndarray:
-        if self._obs_names_key is not None:
-            if self._obs_names_key not in self._columns:
-                raise ValueError(f"{self.name}: no column '{self._obs_names_key}'; columns present: {self._columns}")
-            return _as_str(self.obs_column(self._obs_names_key))
-        return np.array([f"{self.stem}:{i}" for i in range(self.num_cells)], dtype=object)
-
-    def gene_names(self) -> np.ndarray:
-        return self._gene_names
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """Consecutive rows, in order: a stream reads forward (the builder's spool pass reads so)."""
@@ -557,6 +540,16 @@ def _concat(parts: list):
     if parts and isinstance(parts[0], pd.Categorical):
         return pd.api.types.union_categoricals(parts)  # text columns stay categorical: bytes per cell
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _largest_id(genes, current: int) -> int:
+    """The larger of ``current`` and the largest id in a list column (pyarrow list array or chunks)."""
+    import pyarrow as pa
+
+    if isinstance(genes, pa.ChunkedArray):
+        genes = genes.combine_chunks()
+    values = genes.values.to_numpy(zero_copy_only=False)
+    return max(current, int(values.max())) if len(values) else current
 
 
 def _gene_lookup(gene_metadata, gene_id_column: str, gene_name_column: str, max_id: int):
