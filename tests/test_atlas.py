@@ -114,6 +114,34 @@ def test_several_inputs_folder_and_gene_order(tmp_path):
         assert np.array_equal(part.X.toarray(), src[names][:, stored.var_names].X.toarray())
 
 
+def test_repeated_cell_name_is_named_before_x_is_read(tmp_path, monkeypatch):
+    adata = _adata(num_cells=300)
+    names = adata.obs_names.to_numpy().copy()
+    names[200] = names[17]
+    adata.obs_names = names
+    h5 = tmp_path / "dups.h5ad"
+    adata.write_h5ad(h5)
+    from perturbdiff.data import sources
+
+    read = []
+    monkeypatch.setattr(sources.H5adSource, "read_rows", lambda self, rows: read.append(rows))
+    with pytest.raises(ValueError, match=f"dups.h5ad: cell name '{names[17]}' occurs more than once"):
+        build_atlas(h5, tmp_path / "dups.zarr", **BUILD_COLUMNS, **SMALL)
+    assert not read and not (tmp_path / "dups.zarr").exists()
+
+
+def test_cell_names_survive_hash_collisions(tmp_path, monkeypatch):
+    """Uniqueness is checked on 64-bit hashes; a repeated hash is only a suspect, confirmed on the
+    names: with every hash colliding the build still succeeds, with the same names."""
+    from perturbdiff.data import builder
+
+    adata = _adata(num_cells=400)
+    path = build_atlas(adata, tmp_path / "ref.zarr", **BUILD_COLUMNS, **SMALL)
+    monkeypatch.setattr(builder, "_fnv1a", lambda names, start=None: np.zeros(len(names), np.uint64))
+    other = build_atlas(adata, tmp_path / "collide.zarr", **BUILD_COLUMNS, **SMALL)
+    assert list(ad.read_zarr(other).obs_names) == list(ad.read_zarr(path).obs_names)
+
+
 def test_scattered_input_goes_through_buckets(tmp_path):
     adata = _adata(num_cells=1200)  # cells in random order: groups interleaved cell by cell
     h5 = tmp_path / "shuffled.h5ad"
@@ -126,7 +154,7 @@ def test_scattered_input_goes_through_buckets(tmp_path):
     for path, scattered in ((h5, True), (h5g, False)):
         src = H5adSource(path)
         rows = np.argsort(pd.Categorical(src.obs_column("perturbation")).codes, kind="stable")
-        assert (_scattered_sources([src], rows, np.zeros(len(rows), np.int64), 700) == {0}) is scattered
+        assert (_scattered_sources([src], rows, np.zeros(len(rows), np.int8), np.array([0, len(rows)]), 700) == {0}) is scattered
         src.close()
         out = build_atlas(path, tmp_path / f"{path.stem}.zarr", **BUILD_COLUMNS, **SMALL)
         stored = ad.read_zarr(out)

@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..expression import INTEGER_TOL, LOG1P_MAX, log1p_to_counts, row_sums
-from .sources import open_sources
+from .sources import name_bytes, open_sources
 from .remote import as_location, location_name, scratch_path
 from .store import GROUP_KEYS, AtlasWriter
 
@@ -93,14 +93,119 @@ def _dose(src, key: str | None) -> np.ndarray:
     return num.fillna(0.0).to_numpy(dtype=np.float64)  # controls often have no dose: 0
 
 
-def _compact_names(names) -> np.ndarray:
-    """Cell names as UTF-8 bytes in a numpy ``S`` array (a few bytes per cell instead of a Python string)."""
-    return np.char.encode(np.asarray(names, dtype=object).astype(str), "utf-8")
-
-
 def _union_codes(cats: list[pd.Categorical]) -> tuple[list[np.ndarray], list[str]]:
+    """Per input, its column's codes in the sorted union of every input's values (int32)."""
     names = sorted(set().union(*[set(c.categories) for c in cats]))
-    return [pd.Categorical(c, categories=names).codes.astype(np.int32) for c in cats], names
+    index = pd.Index(names)
+    return [index.get_indexer(c.categories).astype(np.int32)[c.codes] for c in cats], names
+
+
+def _smallest_int(limit: int):
+    """The smallest signed integer dtype holding 0 .. limit."""
+    return next(t for t in (np.int8, np.int16, np.int32, np.int64) if limit <= np.iinfo(t).max)
+
+
+_FNV_OFFSET, _FNV_PRIME = np.uint64(14695981039346656037), np.uint64(1099511628211)
+
+
+def _fnv1a(names: np.ndarray, start=_FNV_OFFSET) -> np.ndarray:
+    """64-bit FNV-1a of each ``S`` name, continuing from ``start`` (so ``_fnv1a(b, _fnv1a(a))`` hashes
+    ``a + b``); the padding NULs of the ``S`` dtype are skipped, so the width does not matter."""
+    names = np.ascontiguousarray(names)
+    width = names.dtype.itemsize
+    h = np.full(len(names), start, dtype=np.uint64)
+    if len(names) == 0:
+        return h
+    raw = names.view(np.uint8).reshape(len(names), width)
+    for j in range(width):
+        c = raw[:, j].astype(np.uint64)
+        h = np.where(c != 0, (h ^ c) * _FNV_PRIME, h)
+    return h
+
+
+class _CellNames:
+    """Every input's cell names as UTF-8 bytes, checked unique and read back in any row order.
+
+    Uniqueness is checked on 64-bit hashes (8 bytes per cell, sorted in place; a repeated hash is
+    confirmed on the names themselves), never by sorting the names; names that repeat across inputs
+    (barcodes) are qualified with their input's name ("part003:AAAC-1") as they are read, never
+    stored twice.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, sources):
+        self.names = [name_bytes(s) for s in sources]
+        self.offsets = np.concatenate([[0], np.cumsum([len(n) for n in self.names])]).astype(np.int64)
+        self.sources = [s.name for s in sources]
+        self.tags = None
+        if self._duplicate() is None:
+            return
+        self.tags = [((s.path.stem if s.path is not None else s.name) + ":").encode() for s in sources]
+        dup = self._duplicate()
+        if dup is not None:
+            name, s = dup
+            raise ValueError(f"{self.sources[s]}: cell name {name!r} occurs more than once; make obs_names "
+                             "unique first (e.g. adata.obs_names_make_unique())")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _hashes(self) -> np.ndarray:
+        out = np.empty(len(self), dtype=np.uint64)
+        for s, names in enumerate(self.names):
+            start = _fnv1a(np.array([self.tags[s]]))[0] if self.tags else _FNV_OFFSET
+            for a in range(0, len(names), self._CHUNK):
+                b = min(a + self._CHUNK, len(names))
+                out[self.offsets[s] + a : self.offsets[s] + b] = _fnv1a(names[a:b], start)
+        return out
+
+    def _duplicate(self):
+        """A (name, input) that occurs twice, or None."""
+        h = self._hashes()
+        h.sort()
+        suspects = np.unique(h[1:][h[1:] == h[:-1]])
+        del h
+        if not len(suspects):
+            return None
+        h = self._hashes()
+        for value in suspects:  # almost always the first is a real repeat (64-bit collisions: ~n^2 / 2^65)
+            rows = np.flatnonzero(h == value)
+            names = self.take(rows)
+            _, first, count = np.unique(names, return_index=True, return_counts=True)
+            if (count > 1).any():
+                row = rows[first[np.argmax(count > 1)]]
+                s = int(np.searchsorted(self.offsets, row, side="right") - 1)
+                return self.names[s][row - self.offsets[s]].decode("utf-8", "replace"), s
+        return None
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The names of the given (global) rows, qualified when they repeat across inputs."""
+        rows = np.asarray(rows, dtype=np.int64)
+        src = np.searchsorted(self.offsets, rows, side="right") - 1
+        parts = []
+        for s in np.unique(src):
+            sel = np.flatnonzero(src == s)
+            values = self.names[s][rows[sel] - self.offsets[s]]
+            parts.append((sel, np.char.add(self.tags[s], values) if self.tags else values))
+        width = max([v.dtype.itemsize for _, v in parts], default=1)
+        out = np.empty(len(rows), dtype=f"S{width}")
+        for sel, values in parts:
+            out[sel] = values
+        return out
+
+
+class _InRowOrder:
+    """``names`` read in the atlas's row order, a slice at a time (what `AtlasWriter.finish` takes)."""
+
+    def __init__(self, names: _CellNames, order: np.ndarray):
+        self.names, self.order = names, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        return self.names.take(self.order[window])
 
 
 def highly_variable_genes(mean: np.ndarray, var: np.ndarray, n_top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -298,8 +403,10 @@ def build_atlas(
     spool = None
     try:
         # ---- pass 1: obs → groups and destination rows ------------------------------------------
+        # A few bytes per cell: each input's columns as compact categoricals, then one int64 group key,
+        # then int32 group ids and destination order; the cell names as bytes (`_CellNames`).
         cols = {k: [] for k in ("dataset", "context", "perturbation", "batch")}
-        doses, names = [], []
+        doses = []  # per input: (its distinct doses, each cell's index into them)
         for i, src in enumerate(sources):
             if dataset_key is not None:
                 cols["dataset"].append(
@@ -313,33 +420,38 @@ def build_atlas(
             cols["perturbation"].append(
                 _column(src, perturbation_key, role="perturbation", flag="--perturbation-key", default=control_label, missing=None)
             )
-            doses.append(_dose(src, dose_key))
-            names.append(_compact_names(src.obs_names()))
+            values, inverse = np.unique(_dose(src, dose_key), return_inverse=True)
+            doses.append((values, inverse.astype(np.int32)))
         n_total = sum(s.num_cells for s in sources)
         if n_total == 0:
             raise ValueError("the inputs have no cells")
+        names = _CellNames(sources)  # names are checked before X is read: a repeat fails in seconds
 
         codes, cats = {}, {}
         for k, parts in cols.items():
-            per_source, cats[k] = _union_codes(parts)
-            codes[k] = np.concatenate(per_source)
+            codes[k], cats[k] = _union_codes(parts)
         del cols
         if control_label not in cats["perturbation"]:
             raise ValueError(
                 f"control label {control_label!r} (--control-label) not found in perturbation column "
                 f"'{perturbation_key}'; labels seen: {_show(cats['perturbation'])}"
             )
-        dose_all = np.concatenate(doses)
-        cats["dose"], codes["dose"] = np.unique(dose_all, return_inverse=True)
-        del doses, dose_all
+        cats["dose"] = np.unique(np.concatenate([v for v, _ in doses]))
+        codes["dose"] = [np.searchsorted(cats["dose"], v).astype(np.int32)[inv] for v, inv in doses]
+        del doses
         sizes = [len(cats[k]) for k in GROUP_KEYS]
         if np.prod([float(s) for s in sizes]) >= 2.0**62:
             raise ValueError("too many distinct covariate values to index groups")
+        offsets = np.concatenate([[0], np.cumsum([s.num_cells for s in sources])]).astype(np.int64)
         key = np.zeros(n_total, dtype=np.int64)
         for k, size in zip(GROUP_KEYS, sizes):
-            key = key * size + codes[k].astype(np.int64)
-        group_keys, gid = np.unique(key, return_inverse=True)  # sorted = lexicographic by names
-        del key, codes
+            for i, c in enumerate(codes.pop(k)):
+                part = key[offsets[i] : offsets[i + 1]]
+                part *= size
+                part += c
+        del part  # a view of key: it would keep key alive
+        group_keys, gid = _group_ids(key, int(np.prod([float(s) for s in sizes])))  # sorted = lexicographic by names
+        del key
         parts, rest = {}, group_keys.copy()
         for k, size in zip(reversed(GROUP_KEYS), reversed(sizes)):
             parts[k], rest = rest % size, rest // size
@@ -389,18 +501,21 @@ def build_atlas(
         num_genes = len(gene_names)
 
         # ---- pass 2: X in blocks of destination rows ----------------------------------------------
-        src_offsets = np.concatenate([[0], np.cumsum([s.num_cells for s in sources])]).astype(np.int64)
-        cleaners = [_CountsCleaner(s, gm, input_log1p, nm) for s, gm, nm in zip(sources, gene_maps, names)]
+        src_offsets = offsets
+        cleaners = [_CountsCleaner(s, gm, input_log1p, nm) for s, gm, nm in zip(sources, gene_maps, names.names)]
         # Destination order: by group, then shuffled within each group's part of each block, so that a
         # contiguous window of a group is a random subset of it.
-        final_cells = np.argsort(gid, kind="stable")
+        index_type = np.int32 if n_total < 2**31 else np.int64
+        final_cells = np.argsort(gid.astype(np.uint16) if len(groups) <= 1 << 16 else gid, kind="stable").astype(index_type)
         rng = np.random.default_rng(seed)
         for a in range(0, n_total, block_cells):
             cells = final_cells[a : a + block_cells]
             final_cells[a : a + block_cells] = cells[np.lexsort((rng.random(len(cells)), gid[cells]))]
         del gid
-        src_of_row = np.searchsorted(src_offsets, final_cells, side="right") - 1
-        spooled = _scattered_sources(sources, final_cells - src_offsets[src_of_row], src_of_row, block_cells)
+        src_of_row = np.empty(n_total, dtype=_smallest_int(len(sources)))
+        for a in range(0, n_total, _CellNames._CHUNK):
+            src_of_row[a : a + _CellNames._CHUNK] = np.searchsorted(src_offsets, final_cells[a : a + _CellNames._CHUNK], side="right") - 1
+        spooled = _scattered_sources(sources, final_cells, src_of_row, src_offsets, block_cells)
         totals = np.empty(n_total, dtype=np.float32)
         g_sum = np.zeros(num_genes)
         g_sq = np.zeros(num_genes)
@@ -410,8 +525,8 @@ def build_atlas(
         ) as writer:
             if spooled:
                 spool = _Spool(scratch_path(writer.location, f"spool-{writer.run_id}"))
-                dest = np.empty(n_total, dtype=np.int64)
-                dest[final_cells] = np.arange(n_total)
+                dest = np.empty(n_total, dtype=index_type)
+                dest[final_cells] = np.arange(n_total, dtype=index_type)
                 for s in spooled:
                     src = sources[s]
                     bar = tqdm(total=src.num_cells, unit="cell", unit_scale=True, disable=not progress, desc=f"bucket {Path(src.name).name}")
@@ -473,25 +588,17 @@ def build_atlas(
                 },
                 index=pd.Index(np.asarray(gene_names, dtype=object).astype(str), name=None),
             )
-            all_names = np.concatenate(names)
-            del names
-            if len(np.unique(all_names)) != n_total:
-                # cell names repeat across inputs (e.g. barcodes): qualify them with their input's name
-                tags = [_compact_names(np.array([(s.path.stem if s.path is not None else s.name) + ":"], dtype=object)) for s in sources]
-                all_names = np.concatenate([np.char.add(t, all_names[a:b]) for t, a, b in zip(tags, src_offsets[:-1], src_offsets[1:])])
-                if len(np.unique(all_names)) != n_total:
-                    raise ValueError("cell names are not unique within an input; make obs_names unique first")
-            group_of_row = np.repeat(np.arange(len(groups)), counts)
-            obs = pd.DataFrame(
-                {
-                    k: pd.Categorical.from_codes(parts[k][group_of_row].astype(np.int32), categories=list(cats[k]))
-                    for k in ("dataset", "context", "perturbation", "batch")
-                }
-            )
-            obs["dose"] = groups["dose"].to_numpy()[group_of_row].astype(np.float32)
-            obs["is_control"] = is_control[group_of_row]
+            group_of_row = np.repeat(np.arange(len(groups), dtype=np.int32), counts)
+            # the obs columns are made one at a time as they are written (`AtlasWriter.finish`)
+            obs = {
+                k: (lambda k=k: pd.Categorical.from_codes(parts[k].astype(_smallest_int(len(cats[k])))[group_of_row],
+                                                          categories=list(cats[k])))
+                for k in ("dataset", "context", "perturbation", "batch")
+            }
+            obs["dose"] = lambda: groups["dose"].to_numpy().astype(np.float32)[group_of_row]
+            obs["is_control"] = lambda: is_control[group_of_row]
             obs["total_counts"] = totals
-            obs["group"] = group_of_row.astype(np.int32)
+            obs["group"] = group_of_row
             metadata = {
                 "perturbdiff_version": _version(),
                 "control_label": control_label,
@@ -516,7 +623,7 @@ def build_atlas(
                 ],
                 "build": {"block_cells": block_cells, "seed": seed, "n_top_genes": n_top_genes, "codec": codec},
             }
-            return writer.finish(obs=obs, obs_names=all_names[final_cells], var=var_df, groups=groups, metadata=metadata)
+            return writer.finish(obs=obs, obs_names=_InRowOrder(names, final_cells), var=var_df, groups=groups, metadata=metadata)
     finally:
         for s in sources:
             s.close()
@@ -551,27 +658,45 @@ def _accumulate_gene_stats(block: sp.csr_matrix, g_sum, g_sq, g_n, rows_per_step
 _MIN_MEAN_WINDOW = 32
 
 
-def _scattered_sources(sources, rows: np.ndarray, src_of: np.ndarray, block_cells: int) -> set:
-    """Sources that window-by-window reading would read almost row by row."""
+def _scattered_sources(sources, final_cells: np.ndarray, src_of: np.ndarray, offsets: np.ndarray, block_cells: int) -> set:
+    """Sources that window-by-window reading would read almost row by row (counted block by block,
+    as pass 2 reads them: each input's rows of a block, ascending, split where they jump)."""
     from .sources import MAX_GAP
 
+    n_src = len(sources)
+    windows = np.zeros(n_src, dtype=np.int64)
+    for a in range(0, len(final_cells), block_cells):
+        src = src_of[a : a + block_cells].astype(np.int64)
+        rows = final_cells[a : a + block_cells] - offsets[src]
+        o = np.lexsort((rows, src))
+        src, rows = src[o], rows[o]
+        first = np.concatenate([[True], (np.diff(src) != 0) | (np.diff(rows) > MAX_GAP)])
+        windows += np.bincount(src[first], minlength=n_src)
+    cells = np.array([s.num_cells for s in sources])
     out = set()
-    block = np.arange(len(rows)) // block_cells
     for s, src in enumerate(sources):
         if src.kind == "anndata":  # in memory: random access is cheap
             continue
         if src.kind == "datasets":  # a stream reads forward only: always bucketed through the spool
             out.add(s)
             continue
-        sel = np.flatnonzero(src_of == s)
-        if len(sel) == 0:
-            continue
-        o = np.lexsort((rows[sel], block[sel]))
-        r, blk = rows[sel][o], block[sel][o]
-        windows = 1 + int(np.count_nonzero((np.diff(blk) != 0) | (np.diff(r) > MAX_GAP)))
-        if len(sel) / windows < _MIN_MEAN_WINDOW:
+        if cells[s] and cells[s] / windows[s] < _MIN_MEAN_WINDOW:
             out.add(s)
     return out
+
+
+def _group_ids(key: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(key, return_inverse=True)`` with int32 ids, by a lookup table when the key space
+    is small (no sort of the cells, no int64 inverse)."""
+    if num_keys <= 1 << 24:
+        present = np.zeros(num_keys, dtype=bool)
+        present[key] = True
+        group_keys = np.flatnonzero(present)
+        lookup = np.zeros(num_keys, dtype=np.int32)
+        lookup[group_keys] = np.arange(len(group_keys), dtype=np.int32)
+        return group_keys, lookup[key]
+    group_keys, gid = np.unique(key, return_inverse=True)
+    return group_keys, gid.astype(np.int32)
 
 
 class _Spool:

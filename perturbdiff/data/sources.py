@@ -3,7 +3,8 @@ in-memory AnnData objects, and Hugging Face ``datasets`` parquet in the Tahoe-10
 
 Every source exposes the same small interface: ``num_cells``, ``obs_columns``, ``obs_column(name)``,
 ``obs_names()``, ``gene_names()`` and ``read_rows(rows)``, which returns the given (ascending) rows as
-a float32 CSR matrix. ``read_rows`` reads contiguous windows of rows, so that when the input is
+a float32 CSR matrix (`name_bytes` gives a source's cell names as UTF-8 bytes, in chunks where the
+source can). ``read_rows`` reads contiguous windows of rows, so that when the input is
 already roughly grouped the builder reads it sequentially; scattered rows cost more reads, never more
 memory.
 """
@@ -16,7 +17,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["H5adSource", "AnnDataSource", "ParquetSource", "SomaSource", "StreamingSource", "open_sources", "row_windows"]
+__all__ = ["H5adSource", "AnnDataSource", "ParquetSource", "SomaSource", "StreamingSource", "open_sources", "row_windows",
+           "compact_names", "name_bytes"]
 
 # Rows further apart than this are read as separate windows; closer ones share a read (at most
 # MAX_GAP unneeded rows are read per needed row, which bounds the waste).
@@ -44,6 +46,25 @@ def row_windows(rows: np.ndarray, max_gap: int = MAX_GAP, max_rows: int = MAX_WI
 def _csr(data, indices, indptr, shape) -> sp.csr_matrix:
     m = sp.csr_matrix((np.asarray(data, dtype=np.float32), np.asarray(indices), np.asarray(indptr)), shape=shape)
     return m
+
+
+def compact_names(names) -> np.ndarray:
+    """Cell names as UTF-8 bytes in a numpy ``S`` array (a few bytes per cell instead of a Python string)."""
+    return np.char.encode(np.asarray(names, dtype=object).astype(str), "utf-8")
+
+
+# Names decoded into Python strings at a time by `name_bytes` (a source of 20M cells never holds
+# 20M Python strings).
+NAME_CHUNK = 1 << 20
+
+
+def name_bytes(src) -> np.ndarray:
+    """A source's cell names as UTF-8 bytes (``S``): in chunks where it can (`H5adSource`), else whole."""
+    chunked = getattr(src, "obs_name_chunks", None)
+    parts = [compact_names(c) for c in chunked()] if chunked is not None else [compact_names(src.obs_names())]
+    if not parts:
+        return np.zeros(0, dtype="S1")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _as_str(values) -> np.ndarray:
@@ -131,6 +152,19 @@ class H5adSource:
         from anndata.io import read_elem
 
         return _as_str(read_elem(self._obs[self._index_key()]))
+
+    def obs_name_chunks(self):
+        """The cell names in chunks of `NAME_CHUNK` (an index stored as a plain string array; any
+        other encoding is read whole)."""
+        import h5py
+
+        index = self._obs[self._index_key()]
+        if not isinstance(index, h5py.Dataset) or index.dtype.kind not in "OSU":
+            yield self.obs_names()
+            return
+        strings = index.asstr() if index.dtype.kind in "OS" else index
+        for a in range(0, self.num_cells, NAME_CHUNK):
+            yield _as_str(strings[a : a + NAME_CHUNK])
 
     def gene_names(self) -> np.ndarray:
         from anndata.io import read_elem

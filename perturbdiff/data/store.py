@@ -222,20 +222,20 @@ class AtlasWriter:
         self.nnz += int(indptr[-1])
         self.num_cells += len(indptr) - 1
 
-    def finish(
-        self, *, obs: pd.DataFrame, obs_names: np.ndarray, var: pd.DataFrame, groups: pd.DataFrame, metadata: dict
-    ):
+    def finish(self, *, obs, obs_names, var: pd.DataFrame, groups: pd.DataFrame, metadata: dict):
         """Write obs/var/uns and the metadata, mark the store complete, and move it into place (local;
         returns the Path) or leave it where it is (an object store; returns the URI).
 
-        ``obs`` holds the columns (its index is ignored); ``obs_names`` the cell names in row order as
-        UTF-8 bytes (numpy ``S`` dtype), written in chunks so that millions of names never exist as
-        Python strings all at once.
+        ``obs`` maps each column name to its values (an array, a Categorical, or a function returning
+        one, called when that column is written, so that the columns need not all exist at once);
+        ``obs_names`` gives the cell names in row order as UTF-8 bytes (numpy ``S``), by slices
+        (an ``S`` array, or anything with ``len`` and slicing), written in chunks so that millions of
+        names never exist as Python strings all at once.
         """
         from anndata.io import write_elem
 
-        if len(obs) != self.num_cells or len(obs_names) != self.num_cells or len(var) != self.num_genes:
-            raise RuntimeError(f"obs/var sizes {len(obs)}/{len(var)} do not match X {self.num_cells}x{self.num_genes}")
+        if len(obs_names) != self.num_cells or len(var) != self.num_genes:
+            raise RuntimeError(f"obs/var sizes {len(obs_names)}/{len(var)} do not match X {self.num_cells}x{self.num_genes}")
         for appender in (self._data, self._indices, self._indptr):
             appender.close()
         self._X.attrs["shape"] = [self.num_cells, self.num_genes]
@@ -244,11 +244,14 @@ class AtlasWriter:
             # obs in AnnData's dataframe encoding; the columns through anndata, the index by hand
             group = self.root.create_group(
                 "obs",
-                attributes={"_index": "_index", "column-order": list(obs.columns), "encoding-type": "dataframe", "encoding-version": "0.2.0"},
+                attributes={"_index": "_index", "column-order": list(obs), "encoding-type": "dataframe", "encoding-version": "0.2.0"},
             )
-            for col in obs.columns:
-                values = obs[col]
-                write_elem(group, col, values.array if isinstance(values.dtype, pd.CategoricalDtype) else values.to_numpy())
+            for col, values in obs.items():
+                values = values() if callable(values) else values
+                if len(values) != self.num_cells:
+                    raise RuntimeError(f"obs column {col!r} has {len(values)} values for {self.num_cells} cells")
+                write_elem(group, col, values)
+                del values
             step = 1 << 16
             index = group.create_array(
                 "_index",
