@@ -33,6 +33,7 @@ end unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -74,10 +75,16 @@ def child_build(a):
 
     base = _rss_mb()
     t = time.time()
-    build_atlas(a.inputs, a.output, overwrite=True, progress=False, codec=a.codec, **BUILD_COLUMNS)
+    build_atlas(a.inputs, a.output, overwrite=True, progress=False, codec=a.codec, workers=a.build_workers, **BUILD_COLUMNS)
     seconds = time.time() - t
     size = sum(f.stat().st_size for f in Path(a.output).rglob("*") if f.is_file())
-    return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_import_mb": base, "atlas_bytes": size}
+    digest = hashlib.sha256()  # the atlas's content (every array but the creation time): equal builds, equal digests
+    for f in sorted(Path(a.output).rglob("*")):
+        if f.is_file() and f.name != "zarr.json":
+            digest.update(str(f.relative_to(a.output)).encode() + f.read_bytes())
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_import_mb": base, "atlas_bytes": size,
+            "workers": a.build_workers, "worker_peak_rss_mb": children, "content_sha256": digest.hexdigest()}
 
 
 def _dataset(a):
@@ -286,6 +293,33 @@ def _scale(a) -> int:
     return 0
 
 
+def _parallel_build(a) -> int:
+    """The builder with 1 and 2 processes on the same interleaved input (so its rows are bucketed
+    and read back, the common case of a pooled screen): seconds, peak RSS of the writing process and
+    of a worker, and whether the two atlases have the same content."""
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    h5 = work / "input.h5ad"
+    out = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+           "config": {"cells": a.cells, "genes": a.genes}}
+    if not (a.reuse and h5.exists()):
+        _log(f"generating {a.cells:,} x {a.genes:,} h5ad")
+        out["input"] = run_child("generate", output=h5, cells=a.cells, genes=a.genes, run_cells=a.run_cells)
+    for workers in (1, 2):
+        _log(f"building with {workers} process(es)")
+        out[f"build_{workers}"] = run_child("build", inputs=[h5], output=work / f"parallel_{workers}.zarr", build_workers=workers)
+        shutil.rmtree(work / f"parallel_{workers}.zarr", ignore_errors=True)
+    out["summary"] = {
+        "seconds": {w: out[f"build_{w}"]["seconds"] for w in (1, 2)},
+        "speedup_2_vs_1": out["build_1"]["seconds"] / out["build_2"]["seconds"],
+        "peak_rss_mb": {w: out[f"build_{w}"]["peak_rss_mb"] for w in (1, 2)},
+        "worker_peak_rss_mb": out["build_2"]["worker_peak_rss_mb"],
+        "same_content": out["build_1"]["content_sha256"] == out["build_2"]["content_sha256"],
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def _paired(a) -> int:
     """Paired control sets (what a ``paired_control`` model trains on) at m = ``--set-size``: the loader's
     cells/s with 0, 1 and 2 DataLoader workers, the pairing's own cost, and the projection to 16 cores
@@ -355,6 +389,10 @@ def main(argv=None) -> int:
     p.add_argument("--scale-copies", type=int, default=20)
     p.add_argument("--epoch-fraction", type=float, default=1.0, help="--scale: fraction of an epoch's sets streamed")
     p.add_argument("--s3-batches", type=int, default=20)
+    p.add_argument("--build-workers", type=int, default=None,
+                   help="the builder's processes (default: its own default, the cores up to 8)")
+    p.add_argument("--parallel-build", action="store_true",
+                   help="only the parallel builder: the --cells input built with 1 and 2 processes (time, RSS, same content)")
     p.add_argument("--no-s3", action="store_true")
     a = p.parse_args(argv)
     if a.child:
@@ -362,6 +400,8 @@ def main(argv=None) -> int:
         return 0
     if a.paired_only:
         return _paired(a)
+    if a.parallel_build:
+        return _parallel_build(a)
     if a.scale:
         return _scale(a)
 

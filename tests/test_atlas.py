@@ -142,6 +142,55 @@ def test_cell_names_survive_hash_collisions(tmp_path, monkeypatch):
     assert list(ad.read_zarr(other).obs_names) == list(ad.read_zarr(path).obs_names)
 
 
+def _arrays(path):
+    import zarr
+
+    def walk(group, prefix=""):
+        for key, value in group.members():
+            if isinstance(value, zarr.Group):
+                yield from walk(value, prefix + key + "/")
+            else:
+                yield prefix + key, value
+
+    return {k: v[...] for k, v in walk(zarr.open_group(str(path), mode="r"))}
+
+
+def test_parallel_build_equals_serial(tmp_path, monkeypatch):
+    """Blocks prepared by forked processes: byte-identical to the serial build, for a scattered
+    input (bucketed), a grouped one and an AnnData object together (names repeat across them)."""
+    from perturbdiff.data import builder
+
+    used = []
+    choose = builder._build_workers
+    monkeypatch.setattr(builder, "_build_workers", lambda *a: used.append(choose(*a)) or used[-1])
+    scattered = _adata(seed=3, num_cells=2600)
+    grouped = scattered[scattered.obs.sort_values(["cell_type", "perturbation", "batch"]).index].copy()
+    scattered.write_h5ad(tmp_path / "scattered.h5ad")
+    grouped.write_h5ad(tmp_path / "grouped.h5ad")
+    inputs = [tmp_path / "scattered.h5ad", tmp_path / "grouped.h5ad", _adata(seed=4, num_cells=900)]
+    opts = dict(BUILD_COLUMNS, chunk_elems=1024, shard_chunks=4, block_cells=400, progress=False)
+    serial = _arrays(build_atlas(inputs, tmp_path / "serial.zarr", workers=1, **opts))
+    parallel_path = build_atlas(inputs, tmp_path / "parallel.zarr", workers=2, **opts)
+    parallel = _arrays(parallel_path)
+    assert used == [1, 2]  # the second build did run in two processes
+    assert serial.keys() == parallel.keys()
+    for key in serial:
+        assert serial[key].dtype == parallel[key].dtype and np.array_equal(serial[key], parallel[key]), key
+    Atlas(parallel_path).validate()  # checksums and CSR structure
+    assert not _leftovers(tmp_path, "spool")
+
+
+def test_parallel_build_reports_bad_values_from_a_worker(tmp_path):
+    adata = _adata(seed=5, num_cells=2400)
+    adata.X = adata.X.tocsr().astype(np.float32)
+    adata.X[2000, np.flatnonzero(adata.X[2000].toarray())[0]] = -3
+    adata.write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(ValueError, match=f"negative values .*{adata.obs_names[2000]}"):
+        build_atlas(tmp_path / "bad.h5ad", tmp_path / "bad.zarr", workers=2, **BUILD_COLUMNS,
+                    chunk_elems=1024, shard_chunks=4, block_cells=300, progress=False)
+    assert not (tmp_path / "bad.zarr").exists() and not _leftovers(tmp_path, "bad.zarr")
+
+
 def test_scattered_input_goes_through_buckets(tmp_path):
     adata = _adata(num_cells=1200)  # cells in random order: groups interleaved cell by cell
     h5 = tmp_path / "shuffled.h5ad"

@@ -251,9 +251,12 @@ class _CountsCleaner:
         self.gene_map = gene_map
         self.input_log1p = input_log1p
         self.obs_names = obs_names
+        # totals over the blocks added so far (`add_counts`), and the counts of blocks cleaned here
+        # since the last `take_counts` (a parallel build cleans in worker processes)
         self.non_integer_cells = 0
         self.integer_cells = 0
         self.max_value = 0.0
+        self._pending = [0, 0, 0.0]
 
     def _check_finite(self, m: sp.csr_matrix, rows: np.ndarray, after: str = "") -> None:
         d = m.data
@@ -289,20 +292,37 @@ class _CountsCleaner:
         so that the builder and prediction read one matrix the same way."""
         nonempty = np.diff(m.indptr) > 0
         fractional = row_sums(m.indptr, (np.abs(m.data - np.round(m.data)) >= INTEGER_TOL).astype(np.float32)) > 0
+        p = self._pending
         if m.nnz:
-            self.max_value = max(self.max_value, float(m.data.max()))
-        self.non_integer_cells += int(fractional.sum())
-        self.integer_cells += int((nonempty & ~fractional).sum())
-        if self.non_integer_cells and self.integer_cells:
-            example = f" (e.g. {self.obs_names[rows[int(np.argmax(fractional))]].decode()!r})" if fractional.any() else ""
+            p[2] = max(p[2], float(m.data.max()))
+        p[0] += int(fractional.sum())
+        p[1] += int((nonempty & ~fractional).sum())
+        example = self.obs_names[rows[int(np.argmax(fractional))]].decode() if fractional.any() else None
+        self._check_mixed(self.non_integer_cells + p[0], self.integer_cells + p[1], example)
+
+    def _check_mixed(self, non_integer: int, integer: int, example: str | None) -> None:
+        if non_integer and integer:
+            example = f" (e.g. {example!r})" if example else ""
             raise ValueError(
-                f"{self.src.name}: X mixes integer count cells ({self.integer_cells} so far) with non-integer cells "
-                f"({self.non_integer_cells}{example}): one matrix must hold one kind of values (raw counts, or log1p "
+                f"{self.src.name}: X mixes integer count cells ({integer} so far) with non-integer cells "
+                f"({non_integer}{example}): one matrix must hold one kind of values (raw counts, or log1p "
                 "with --input-log1p)")
+
+    def take_counts(self) -> tuple:
+        """The cell counts of the blocks cleaned here since the last call."""
+        out, self._pending = tuple(self._pending), [0, 0, 0.0]
+        return out
+
+    def add_counts(self, counts: tuple) -> None:
+        """Add a block's counts (in build order) to the totals; refuse a source that mixes kinds."""
+        self.non_integer_cells += counts[0]
+        self.integer_cells += counts[1]
+        self.max_value = max(self.max_value, counts[2])
+        self._check_mixed(self.non_integer_cells, self.integer_cells, None)
 
     def _invert_log1p(self, m: sp.csr_matrix) -> sp.csr_matrix:
         counts, non_integer = log1p_to_counts(m)
-        self.non_integer_cells += non_integer
+        self._pending[0] += non_integer
         return counts
 
     def report(self) -> None:
@@ -345,6 +365,7 @@ def build_atlas(
     soma_measurement: str = "RNA",
     n_top_genes: int = 2000,
     block_cells: int = 16384,
+    workers: int | None = None,
     chunk_elems: int = 32768,
     shard_chunks: int = 128,
     codec: str = "zstd",
@@ -378,6 +399,9 @@ def build_atlas(
             measurement; see `SomaSource`. ``layer`` names the SOMA X layer, ``gene_key`` its var column.
         n_top_genes: how many highly variable genes to flag in ``var["highly_variable"]``.
         block_cells: cells per streamed block (bounds the builder's memory).
+        workers: processes that read, clean and sort blocks while this one writes (None: the cores,
+            at most 8; 1: all in this process). The atlas is identical whatever the number. Inputs other
+            than ``.h5ad`` and AnnData, unless bucketed, are read in this process.
         chunk_elems, shard_chunks: Zarr chunking of X (values per chunk, chunks per shard file).
         codec: Blosc compressor of X: "zstd" (compact) or "lz4" (decodes faster, ~1.8x larger).
         seed: seed of the within-group shuffle.
@@ -533,6 +557,7 @@ def build_atlas(
                     for r0 in range(0, src.num_cells, block_cells):
                         rows = np.arange(r0, min(r0 + block_cells, src.num_cells))
                         m = cleaners[s](src.read_rows(rows), rows)
+                        cleaners[s].add_counts(cleaners[s].take_counts())
                         d = dest[src_offsets[s] + rows]
                         blk = d // block_cells
                         for bid in np.unique(blk):
@@ -541,34 +566,18 @@ def build_atlas(
                         bar.update(len(rows))
                     bar.close()
                 del dest
-            bar = tqdm(total=n_total, unit="cell", unit_scale=True, disable=not progress, desc=f"build {location_name(output)}")
-            for a in range(0, n_total, block_cells):
-                b = min(a + block_cells, n_total)
-                cells = final_cells[a:b]
-                src_of = src_of_row[a:b]
-                mats, placed = [], []
-                for s in np.unique(src_of):
-                    if s in spooled:
-                        continue
-                    pos = np.flatnonzero(src_of == s)
-                    rows = cells[pos] - src_offsets[s]
-                    o = np.argsort(rows, kind="stable")
-                    mats.append(cleaners[s](sources[s].read_rows(rows[o]), rows[o]))
-                    placed.append(pos[o])
-                if spool is not None:
-                    pos, m = spool.read(a // block_cells, num_genes)
-                    if len(pos):
-                        mats.append(m)
-                        placed.append(pos)
-                block = mats[0] if len(mats) == 1 else sp.vstack(mats, format="csr")
-                inverse = np.empty(b - a, dtype=np.int64)
-                inverse[np.concatenate(placed)] = np.arange(b - a)
-                if not np.array_equal(inverse, np.arange(b - a)):
-                    block = block[inverse]
-                block.sort_indices()
-                totals[a:b] = _accumulate_gene_stats(block, g_sum, g_sq, g_n)
-                writer.append(block.indptr, block.indices, block.data)
-                bar.update(b - a)
+            blocks = _Blocks(sources, cleaners, final_cells, src_of_row, src_offsets, spooled, spool, block_cells, num_genes)
+            n_workers = _build_workers(workers, sources, spooled, n_total, block_cells)
+            bar = tqdm(total=n_total, unit="cell", unit_scale=True, disable=not progress,
+                       desc=f"build {location_name(output)}" + (f" ({n_workers} processes)" if n_workers > 1 else ""))
+            for a, indptr, indices, data, block_totals, stats, kinds in blocks.run(n_workers):
+                for c, n in zip(cleaners, kinds):
+                    c.add_counts(n)
+                totals[a : a + len(block_totals)] = block_totals
+                for acc, part in zip((g_sum, g_sq, g_n), stats):
+                    acc += part
+                writer.append(indptr, indices, data)
+                bar.update(len(block_totals))
             bar.close()
             if spool is not None:
                 spool.close()
@@ -629,6 +638,110 @@ def build_atlas(
             s.close()
         if spool is not None:
             spool.close()
+
+
+def _build_workers(workers: int | None, sources, spooled: set, n_total: int, block_cells: int) -> int:
+    """How many processes prepare blocks: ``workers`` (None: the machine's cores, at most 8), fewer
+    when there are few blocks, 1 (in this process) where worker processes cannot read the inputs:
+    without ``fork``, or a source other than ``.h5ad`` / AnnData read window by window (parquet and
+    SOMA readers hold thread pools that a fork does not carry over)."""
+    import multiprocessing
+    import os
+
+    n = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
+    if n < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    n = min(n, -(-n_total // block_cells) // 2)  # at least two blocks per process
+    direct = [s for i, s in enumerate(sources) if i not in spooled]
+    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods() or any(s.kind not in ("h5ad", "anndata") for s in direct):
+        return 1
+    return n
+
+
+# The work of a parallel build, for the forked processes (set before the pool forks, read there).
+_JOB = None
+
+
+def _reopen_sources() -> None:
+    for src in _JOB.sources:
+        if src.kind == "h5ad":
+            src.reopen()  # its own HDF5 handle: the parent closed its handles before forking
+
+
+def _prepare(a: int):
+    return _JOB.prepare(a)
+
+
+class _Blocks:
+    """Pass 2's work on one block of destination rows: read each input's rows (or the block's spool
+    bucket), clean them, put them in destination order, sort the indices, and the block's per-gene
+    sums. The same function runs in this process or in forked processes (`run`); the builder adds the
+    blocks' sums and counts in block order, so a parallel build equals a serial one byte for byte."""
+
+    def __init__(self, sources, cleaners, final_cells, src_of_row, src_offsets, spooled, spool, block_cells, num_genes):
+        self.sources, self.cleaners = sources, cleaners
+        self.final_cells, self.src_of_row, self.src_offsets = final_cells, src_of_row, src_offsets
+        self.spooled, self.spool = spooled, spool
+        self.block_cells, self.num_genes = block_cells, num_genes
+
+    def prepare(self, a: int):
+        b = min(a + self.block_cells, len(self.final_cells))
+        cells, src_of = self.final_cells[a:b], self.src_of_row[a:b]
+        mats, placed = [], []
+        for s in np.unique(src_of):
+            if s in self.spooled:
+                continue
+            pos = np.flatnonzero(src_of == s)
+            rows = cells[pos] - self.src_offsets[s]
+            o = np.argsort(rows, kind="stable")
+            mats.append(self.cleaners[s](self.sources[s].read_rows(rows[o]), rows[o]))
+            placed.append(pos[o])
+        if self.spool is not None:
+            pos, m = self.spool.read(a // self.block_cells, self.num_genes)
+            if len(pos):
+                mats.append(m)
+                placed.append(pos)
+        block = mats[0] if len(mats) == 1 else sp.vstack(mats, format="csr")
+        inverse = np.empty(b - a, dtype=np.int64)
+        inverse[np.concatenate(placed)] = np.arange(b - a)
+        if not np.array_equal(inverse, np.arange(b - a)):
+            block = block[inverse]
+        block.sort_indices()
+        stats = (np.zeros(self.num_genes), np.zeros(self.num_genes), np.zeros(self.num_genes, dtype=np.int64))
+        totals = _accumulate_gene_stats(block, *stats)
+        counts = [c.take_counts() for c in self.cleaners]
+        return a, block.indptr, block.indices, block.data, totals, stats, counts
+
+    def run(self, workers: int):
+        """The prepared blocks in order: here (workers = 1), or from ``workers`` forked processes,
+        at most two blocks per process in flight (memory stays bounded)."""
+        starts = range(0, len(self.final_cells), self.block_cells)
+        if workers <= 1:
+            yield from map(self.prepare, starts)
+            return
+        import collections
+        import multiprocessing
+
+        global _JOB
+        for src in self.sources:
+            if src.kind == "h5ad":
+                src.close()  # HDF5 handles are not shared across a fork: each process opens its own
+        _JOB = self
+        try:
+            with multiprocessing.get_context("fork").Pool(workers, initializer=_reopen_sources) as pool:
+                pending, todo = collections.deque(), iter(starts)
+                for a in todo:
+                    pending.append(pool.apply_async(_prepare, (a,)))
+                    if len(pending) >= 2 * workers:
+                        break
+                while pending:
+                    result = pending.popleft().get()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending.append(pool.apply_async(_prepare, (nxt,)))
+                    yield result
+        finally:
+            _JOB = None
 
 
 def _accumulate_gene_stats(block: sp.csr_matrix, g_sum, g_sq, g_n, rows_per_step: int = 4096) -> np.ndarray:

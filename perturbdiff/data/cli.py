@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--soma-measurement", default="RNA", help="the measurement (default: RNA); --layer names its X layer")
     g = b.add_argument_group("storage")
     g.add_argument("--block-cells", type=int, default=16384, help="cells per streamed block (bounds memory)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="processes reading and cleaning blocks while one writes (default: the cores, at most 8; "
+                        "1: one process); the atlas is the same whatever the number")
     g.add_argument("--chunk-elems", type=int, default=32768, help="values per compressed chunk of X")
     g.add_argument("--shard-chunks", type=int, default=128, help="chunks per shard file")
     g.add_argument("--codec", choices=["zstd", "lz4"], default="zstd",
@@ -117,6 +120,7 @@ def _build(args) -> int:
         soma_measurement=args.soma_measurement,
         n_top_genes=args.n_top_genes,
         block_cells=args.block_cells,
+        workers=args.workers,
         chunk_elems=args.chunk_elems,
         shard_chunks=args.shard_chunks,
         codec=args.codec,

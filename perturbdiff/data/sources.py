@@ -200,6 +200,10 @@ class H5adSource:
     def close(self) -> None:
         self.file.close()
 
+    def reopen(self) -> None:
+        """Open the file again (a forked build process opens its own HDF5 handle)."""
+        self.__init__(self.path, layer=self.layer, gene_key=self._gene_key)
+
 
 class AnnDataSource:
     """An AnnData object in memory (used by the synthetic recipe and by Python callers)."""
