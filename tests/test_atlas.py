@@ -191,6 +191,27 @@ def test_parallel_build_reports_bad_values_from_a_worker(tmp_path):
     assert not (tmp_path / "bad.zarr").exists() and not _leftovers(tmp_path, "bad.zarr")
 
 
+def test_parallel_build_fails_when_a_worker_dies(tmp_path, monkeypatch):
+    """A worker killed mid-build (e.g. by the OOM killer) fails the build; it does not hang, and
+    nothing is left at the output."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from perturbdiff.data import builder
+
+    parent, prepare = os.getpid(), builder._Blocks.prepare
+
+    def dying(self, a):
+        if os.getpid() != parent and a >= 1200:
+            os._exit(9)
+        return prepare(self, a)
+
+    monkeypatch.setattr(builder._Blocks, "prepare", dying)
+    with pytest.raises(BrokenProcessPool):
+        build_atlas(_adata(seed=6, num_cells=2400), tmp_path / "dies.zarr", workers=2, **BUILD_COLUMNS,
+                    chunk_elems=1024, shard_chunks=4, block_cells=300, progress=False)
+    assert not (tmp_path / "dies.zarr").exists() and not _leftovers(tmp_path, "dies.zarr")
+
+
 def test_scattered_input_goes_through_buckets(tmp_path):
     adata = _adata(num_cells=1200)  # cells in random order: groups interleaved cell by cell
     h5 = tmp_path / "shuffled.h5ad"

@@ -721,26 +721,30 @@ class _Blocks:
             return
         import collections
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         global _JOB
         for src in self.sources:
             if src.kind == "h5ad":
                 src.close()  # HDF5 handles are not shared across a fork: each process opens its own
         _JOB = self
+        # (an executor, not multiprocessing.Pool: a worker killed by the OOM killer raises
+        # BrokenProcessPool here instead of leaving its block's result pending forever)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_reopen_sources)
         try:
-            with multiprocessing.get_context("fork").Pool(workers, initializer=_reopen_sources) as pool:
-                pending, todo = collections.deque(), iter(starts)
-                for a in todo:
-                    pending.append(pool.apply_async(_prepare, (a,)))
-                    if len(pending) >= 2 * workers:
-                        break
-                while pending:
-                    result = pending.popleft().get()
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        pending.append(pool.apply_async(_prepare, (nxt,)))
-                    yield result
+            pending, todo = collections.deque(), iter(starts)
+            for a in todo:
+                pending.append(pool.submit(_prepare, a))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_prepare, nxt))
+                yield result
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             _JOB = None
 
 
