@@ -21,6 +21,8 @@ reader share state that would only be passed around if split.
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -551,23 +553,22 @@ def build_atlas(
                 spool = _Spool(scratch_path(writer.location, f"spool-{writer.run_id}"))
                 dest = np.empty(n_total, dtype=index_type)
                 dest[final_cells] = np.arange(n_total, dtype=index_type)
-                for s in spooled:
+                for s in sorted(spooled):
                     src = sources[s]
-                    bar = tqdm(total=src.num_cells, unit="cell", unit_scale=True, disable=not progress, desc=f"bucket {Path(src.name).name}")
-                    for r0 in range(0, src.num_cells, block_cells):
-                        rows = np.arange(r0, min(r0 + block_cells, src.num_cells))
-                        m = cleaners[s](src.read_rows(rows), rows)
-                        cleaners[s].add_counts(cleaners[s].take_counts())
-                        d = dest[src_offsets[s] + rows]
-                        blk = d // block_cells
-                        for bid in np.unique(blk):
-                            sel = np.flatnonzero(blk == bid)
-                            spool.write(int(bid), d[sel] % block_cells, m[sel])
-                        bar.update(len(rows))
+                    starts = range(0, src.num_cells, block_cells)
+                    n_workers = _build_workers(workers, [src.kind], len(starts))
+                    bar = tqdm(total=src.num_cells, unit="cell", unit_scale=True, disable=not progress,
+                               desc=f"bucket {Path(src.name).name}" + (f" ({n_workers} processes)" if n_workers > 1 else ""))
+                    bucket = functools.partial(_bucket, src, cleaners[s], dest[src_offsets[s] : src_offsets[s] + src.num_cells],
+                                               spool, block_cells)
+                    for n_rows, kinds in _ordered_map(bucket, starts, n_workers, sources):
+                        cleaners[s].add_counts(kinds)
+                        bar.update(n_rows)
                     bar.close()
                 del dest
             blocks = _Blocks(sources, cleaners, final_cells, src_of_row, src_offsets, spooled, spool, block_cells, num_genes)
-            n_workers = _build_workers(workers, sources, spooled, n_total, block_cells)
+            n_workers = _build_workers(workers, [s.kind for i, s in enumerate(sources) if i not in spooled],
+                                       -(-n_total // block_cells))
             bar = tqdm(total=n_total, unit="cell", unit_scale=True, disable=not progress,
                        desc=f"build {location_name(output)}" + (f" ({n_workers} processes)" if n_workers > 1 else ""))
             for a, indptr, indices, data, block_totals, stats, kinds in blocks.run(n_workers):
@@ -640,36 +641,85 @@ def build_atlas(
             spool.close()
 
 
-def _build_workers(workers: int | None, sources, spooled: set, n_total: int, block_cells: int) -> int:
-    """How many processes prepare blocks: ``workers`` (None: the machine's cores, at most 8), fewer
-    when there are few blocks, 1 (in this process) where worker processes cannot read the inputs:
-    without ``fork``, or a source other than ``.h5ad`` / AnnData read window by window (parquet and
-    SOMA readers hold thread pools that a fork does not carry over)."""
+def _build_workers(workers: int | None, kinds, num_blocks: int) -> int:
+    """How many processes work on ``num_blocks`` blocks read from inputs of these ``kinds``:
+    ``workers`` (None: the machine's cores, at most 8), at most half the blocks, and 1 (this
+    process) without ``fork`` or for inputs other than ``.h5ad`` / AnnData (the parquet, SOMA and
+    streaming readers hold thread pools or a stream position that a fork does not carry over)."""
     import multiprocessing
-    import os
 
     n = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
     if n < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    n = min(n, -(-n_total // block_cells) // 2)  # at least two blocks per process
-    direct = [s for i, s in enumerate(sources) if i not in spooled]
-    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods() or any(s.kind not in ("h5ad", "anndata") for s in direct):
+    n = min(n, num_blocks // 2)  # at least two blocks per process
+    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods() or any(k not in ("h5ad", "anndata") for k in kinds):
         return 1
     return n
 
 
-# The work of a parallel build, for the forked processes (set before the pool forks, read there).
+# The work of a parallel step, for the forked processes (set before the pool forks, read there).
 _JOB = None
 
 
 def _reopen_sources() -> None:
-    for src in _JOB.sources:
+    for src in _JOB[1]:
         if src.kind == "h5ad":
             src.reopen()  # its own HDF5 handle: the parent closed its handles before forking
 
 
-def _prepare(a: int):
-    return _JOB.prepare(a)
+def _call(item):
+    return _JOB[0](item)
+
+
+def _ordered_map(fn, items, workers: int, sources):
+    """``map(fn, items)`` in this process (workers = 1) or in ``workers`` forked processes, results
+    in order, at most two items per process in flight (memory stays bounded). A worker killed
+    mid-way (e.g. by the OOM killer) raises BrokenProcessPool here instead of leaving its item
+    pending forever (why an executor, not multiprocessing.Pool)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    import collections
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _JOB
+    for src in sources:
+        if src.kind == "h5ad":
+            src.close()  # HDF5 handles are not shared across a fork: each process opens its own
+    _JOB = (fn, sources)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_reopen_sources)
+    try:
+        pending, todo = collections.deque(), iter(items)
+        for item in todo:
+            pending.append(pool.submit(_call, item))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(_call, nxt))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _JOB = None
+        for src in sources:
+            if src.kind == "h5ad":
+                src.reopen()  # this process reads it again (a later step, or the next parallel one)
+
+
+def _bucket(src, cleaner, dest, spool, block_cells: int, r0: int):
+    """The bucket pass on one window of an input's rows: read, clean, and append each row to the
+    spool bucket of its destination block; returns the rows done and the cleaner's counts."""
+    rows = np.arange(r0, min(r0 + block_cells, src.num_cells))
+    m = cleaner(src.read_rows(rows), rows)
+    d = dest[rows]
+    blk = d // block_cells
+    for bid in np.unique(blk):
+        sel = np.flatnonzero(blk == bid)
+        spool.write(int(bid), d[sel] % block_cells, m[sel])
+    return len(rows), cleaner.take_counts()
 
 
 class _Blocks:
@@ -713,39 +763,8 @@ class _Blocks:
         return a, block.indptr, block.indices, block.data, totals, stats, counts
 
     def run(self, workers: int):
-        """The prepared blocks in order: here (workers = 1), or from ``workers`` forked processes,
-        at most two blocks per process in flight (memory stays bounded)."""
-        starts = range(0, len(self.final_cells), self.block_cells)
-        if workers <= 1:
-            yield from map(self.prepare, starts)
-            return
-        import collections
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        global _JOB
-        for src in self.sources:
-            if src.kind == "h5ad":
-                src.close()  # HDF5 handles are not shared across a fork: each process opens its own
-        _JOB = self
-        # (an executor, not multiprocessing.Pool: a worker killed by the OOM killer raises
-        # BrokenProcessPool here instead of leaving its block's result pending forever)
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_reopen_sources)
-        try:
-            pending, todo = collections.deque(), iter(starts)
-            for a in todo:
-                pending.append(pool.submit(_prepare, a))
-                if len(pending) >= 2 * workers:
-                    break
-            while pending:
-                result = pending.popleft().result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(pool.submit(_prepare, nxt))
-                yield result
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            _JOB = None
+        """The prepared blocks in order, from this process or ``workers`` forked ones."""
+        return _ordered_map(self.prepare, range(0, len(self.final_cells), self.block_cells), workers, self.sources)
 
 
 def _accumulate_gene_stats(block: sp.csr_matrix, g_sum, g_sq, g_n, rows_per_step: int = 4096) -> np.ndarray:
@@ -824,7 +843,8 @@ class _Spool:
         folder.mkdir(parents=True)
 
     def write(self, block: int, positions: np.ndarray, m: sp.csr_matrix) -> None:
-        with open(self.folder / f"{block}.bin", "ab") as f:
+        # one file per (block, process): parallel bucketing never appends to another process's file
+        with open(self.folder / f"{block}.{os.getpid()}.bin", "ab") as f:
             f.write(np.array([len(positions), m.nnz], dtype=np.int64).tobytes())
             f.write(np.asarray(positions, dtype=np.int64).tobytes())
             f.write(np.diff(m.indptr).astype(np.int64).tobytes())
@@ -832,11 +852,12 @@ class _Spool:
             f.write(m.data.astype(np.float32).tobytes())
 
     def read(self, block: int, num_genes: int) -> tuple[np.ndarray, sp.csr_matrix]:
-        path = self.folder / f"{block}.bin"
-        if not path.exists():
+        paths = sorted(self.folder.glob(f"{block}.*.bin"))
+        if not paths:
             return np.zeros(0, dtype=np.int64), sp.csr_matrix((0, num_genes), dtype=np.float32)
-        buf = path.read_bytes()
-        path.unlink()  # each bucket is read once: free the disk as the build goes
+        buf = b"".join(path.read_bytes() for path in paths)  # record order does not matter: rows carry positions
+        for path in paths:
+            path.unlink()  # each bucket is read once: free the disk as the build goes
         pos, lens, idx, dat, off = [], [], [], [], 0
         while off < len(buf):
             n, nnz = np.frombuffer(buf, dtype=np.int64, count=2, offset=off)
