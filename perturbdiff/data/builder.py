@@ -468,11 +468,11 @@ def build_atlas(
         sizes = [len(cats[k]) for k in GROUP_KEYS]
         if np.prod([float(s) for s in sizes]) >= 2.0**62:
             raise ValueError("too many distinct covariate values to index groups")
-        offsets = np.concatenate([[0], np.cumsum([s.num_cells for s in sources])]).astype(np.int64)
+        src_offsets = np.concatenate([[0], np.cumsum([s.num_cells for s in sources])]).astype(np.int64)
         key = np.zeros(n_total, dtype=np.int64)
         for k, size in zip(GROUP_KEYS, sizes):
             for i, c in enumerate(codes.pop(k)):
-                part = key[offsets[i] : offsets[i + 1]]
+                part = key[src_offsets[i] : src_offsets[i + 1]]
                 part *= size
                 part += c
         del part  # a view of key: it would keep key alive
@@ -527,7 +527,6 @@ def build_atlas(
         num_genes = len(gene_names)
 
         # ---- pass 2: X in blocks of destination rows ----------------------------------------------
-        src_offsets = offsets
         cleaners = [_CountsCleaner(s, gm, input_log1p, nm) for s, gm, nm in zip(sources, gene_maps, names.names)]
         # Destination order: by group, then shuffled within each group's part of each block, so that a
         # contiguous window of a group is a random subset of it.

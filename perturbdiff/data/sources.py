@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["H5adSource", "AnnDataSource", "ParquetSource", "SomaSource", "StreamingSource", "open_sources", "row_windows",
-           "compact_names", "name_bytes"]
+           "name_bytes"]
 
 # Rows further apart than this are read as separate windows; closer ones share a read (at most
 # MAX_GAP unneeded rows are read per needed row, which bounds the waste).
