@@ -320,6 +320,7 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
         "data.val_fraction=0", "train.val_every=0", "train.save_every=0", "train.tracker=none",
         *(["--preset", args.preset] if args.preset else []), *args.override,
         *(["--perturbation-features", str(feature_path.resolve())] if features is not None else []),
+        *([f"train.export_every={args.curve}"] if args.curve else []),
     ]
     model_dir = run_dir / "model_run" / "model"
     # a model this exact command finished earlier is reused (an interrupted suite resumes mid-run)
@@ -340,17 +341,40 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
                   baselines="auto", seed=seed, outdir=run_dir / "eval", plots=False, perturbation_features=features)
     scores = _scores(ev.aggregate)
     scores[CEILING] = _ceiling(parts, ds, seed)
+    curve = _curve(run_dir, bench, parts, conditions, pargs, ds, features) if args.curve else None
     return {"dataset": name, "features": source, "fold": fold_index, "heldout_contexts": fold[0], "heldout_perturbations": fold[1],
             "seed": seed, "settings": _settings(args), "training_cells": int(n_train),
             "conditions": [f"{p} | {c}" for p, c in conditions.itertuples(index=False)],
             "timings_s": {"train": round(train_s, 1), "predict": round(predict_s, 1), "total": round(time.time() - t0, 1)},
-            "scores": scores}
+            "scores": scores, **({"curve": curve} if curve is not None else {})}
+
+
+def _curve(run_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features) -> list[dict]:
+    """The model's target metrics at every interval export (``--curve N``) and at the end: how the
+    score moves with the training budget. Read on the held-out cells, so it measures a budget; it is
+    not a way to pick one for a user (that would train on the test set)."""
+    from perturbdiff.evaluation import evaluate
+
+    exports = sorted((run_dir / "model_run" / "exports").glob("step-*"))
+    curve = []
+    for export in [*exports, run_dir / "model_run" / "model"]:
+        pred, _ = _predict(pargs, bench, export, parts["control"], conditions, features=features)
+        ev = evaluate(pred, parts["real"], parts["train"], perturbation_key=ds.perturbation_key,
+                      context_key=ds.context_key, control_label=ds.control_label, model_name="perturbdiff",
+                      baselines=None, seed=pargs.seed, plots=False)
+        row = _scores(ev.aggregate)["perturbdiff"]
+        step = int(export.name.split("-")[1]) if export.name.startswith("step-") else None
+        curve.append({"step": step, **{m: row.get(m) for m in ("pearson_delta", "energy_distance", "mae")}})
+        print(f"    curve: step {step or 'final'}: pearson_delta {row.get('pearson_delta'):.3f}, "
+              f"energy distance {row.get('energy_distance'):.3f}", flush=True)
+    return curve
 
 
 def _settings(args) -> dict:
     return {"config": str(Path(args.config).resolve().relative_to(REPO)) if Path(args.config).resolve().is_relative_to(REPO)
             else str(args.config), "steps": args.steps, "preset": args.preset, "override": list(args.override),
-            "sample_steps": args.sample_steps, "num_populations": args.num_populations}
+            "sample_steps": args.sample_steps, "num_populations": args.num_populations,
+            **({"curve": args.curve} if args.curve else {})}
 
 
 # --------------------------------------------------------------------------- scoreboard
@@ -421,6 +445,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
     p.add_argument("--num-populations", type=int, default=1)
+    p.add_argument("--curve", type=int, metavar="N", help="also score an export every N steps (a learning curve per run)")
     p.add_argument("--launcher", default=shlex.quote(sys.executable), help='e.g. "accelerate launch --num_processes 8"')
     p.add_argument("--output-dir", default="runs/suite")
     p.add_argument("--overwrite", action="store_true", help="rerun finished runs whose settings differ")
