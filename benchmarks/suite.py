@@ -7,8 +7,8 @@
 Every run trains the conditional model **from scratch with the user's default finetuning config**
 (`finetune/configs/default.yaml`, via `finetune/run.py --atlas`), the same for every dataset; only
 the column names and the split differ (and the budget flags below, which are the suite's, not a
-dataset's). Validation groups are off (`data.val_fraction=0`: on these screens they would take a
-whole training context away) and no resume checkpoints are written.
+dataset's): the default's budget (`train.max_steps`) unless ``--steps`` says otherwise. No resume
+checkpoints are written.
 
 Datasets (a dataset whose file is absent is skipped, saying so):
 
@@ -317,7 +317,7 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
         "finetune/run.py", "--config", str(Path(args.config).resolve()), "--atlas", str(atlas.resolve()),
         "--output-dir", str((run_dir / "model_run").resolve()), "--max-steps", str(args.steps), "--seed", str(seed),
         "--heldout-contexts", *fold[0], "--heldout-perturbations", *fold[1], "--overwrite",
-        "data.val_fraction=0", "train.val_every=0", "train.save_every=0", "train.tracker=none",
+        "train.val_every=0", "train.save_every=0", "train.tracker=none",
         *(["--preset", args.preset] if args.preset else []), *args.override,
         *(["--perturbation-features", str(feature_path.resolve())] if features is not None else []),
         *([f"train.export_every={args.curve}"] if args.curve else []),
@@ -439,7 +439,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), choices=sorted(datasets()))
     p.add_argument("--folds", nargs="+", type=int, help="fold indices (default: every fold of each dataset)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: the config's train.max_steps)")
     p.add_argument("--preset", help="model size preset (default: the config's)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="finetuning config (default: the user's default)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
@@ -457,6 +457,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    if args.steps is None:
+        from perturbdiff.train.config import load_train_config
+
+        args.steps = load_train_config(args.config, args.override).train.max_steps
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     from perturbdiff.files import atomic_json

@@ -44,3 +44,21 @@ def test_a_held_out_name_that_matches_nothing_is_an_error(atlas):
         check_held_out_names(["CellType1"], ["PERT1"], [atlas])
     with pytest.raises(ValueError, match=r"heldout_perturbations: \['pert1'\] match nothing"):
         check_held_out_names(["celltype1"], ["pert1"], [atlas])
+
+
+def test_validation_never_takes_a_contexts_only_response(tmp_path, atlas):
+    """One drug in several patients (the glioblastoma screen's shape): holding out a (patient, drug)
+    pair for the validation loss would remove that patient's whole response from training."""
+    one_drug = Atlas(make_synthetic_atlas(tmp_path / "one.zarr", num_cells=600, num_genes=10, num_contexts=5,
+                                          num_perturbations=1))
+    spec = SplitSpec.held_out(["celltype0"], ["PERT0"])
+    assert with_validation_groups(spec, [one_drug], 0.5, seed=0) is spec
+    # on a full grid every context and perturbation keeps a trained pair, whatever the fraction
+    for seed in range(5):
+        spec = with_validation_groups(None, [atlas], 0.6, seed=seed)
+        val = [(key, p) for key, parts in spec.fewshot.items() for p in parts["val"]]
+        assert val
+        g = atlas.groups[~atlas.groups["is_control"]]
+        trained = {(f"synthetic.{c}", str(p)) for c, p in zip(g["context"], g["perturbation"])} - set(val)
+        assert {c for c, _ in trained} == {f"synthetic.{c}" for c in g["context"]}
+        assert {p for _, p in trained} == {str(p) for p in g["perturbation"]}

@@ -158,6 +158,12 @@ def with_validation_groups(spec, atlases, fraction: float, seed: int):
 
     Used when the split given has no validation groups (or no split is given); controls are never
     held out (they are every split's control pool). Returns ``spec`` unchanged for fraction 0.
+
+    A pair is held out only while its context keeps another trained perturbation and its
+    perturbation another trained context: validation never takes away the only response a context
+    shows, nor the only context a perturbation is seen in (on a screen of one drug in five patients
+    it would otherwise remove a whole patient's response from training). Where no pair qualifies
+    there is no validation split, and the trainer says so.
     """
     import numpy as np
 
@@ -181,7 +187,19 @@ def with_validation_groups(spec, atlases, fraction: float, seed: int):
     k = max(1, round(fraction * len(pairs)))
     if k >= len(pairs):
         return spec
-    chosen = [pairs[i] for i in rng.choice(len(pairs), size=k, replace=False)]
+    per_context = {key: sum(c == key for c, _ in pairs) for key, _ in pairs}
+    per_perturbation = {pert: sum(p == pert for _, p in pairs) for _, pert in pairs}
+    chosen = []
+    for i in rng.permutation(len(pairs)):
+        if len(chosen) == k:
+            break
+        key, pert = pairs[i]
+        if per_context[key] > 1 and per_perturbation[pert] > 1:
+            chosen.append((key, pert))
+            per_context[key] -= 1
+            per_perturbation[pert] -= 1
+    if not chosen:
+        return spec
     fewshot = {key: dict(parts) for key, parts in (spec.fewshot if spec is not None else {}).items()}
     for key, pert in chosen:
         fewshot.setdefault(key, {})
