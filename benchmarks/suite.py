@@ -341,7 +341,7 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
                   baselines="auto", seed=seed, outdir=run_dir / "eval", plots=False, perturbation_features=features)
     scores = _scores(ev.aggregate)
     scores[CEILING] = _ceiling(parts, ds, seed)
-    curve = _curve(run_dir, bench, parts, conditions, pargs, ds, features) if args.curve else None
+    curve = _curve(run_dir, bench, parts, conditions, pargs, ds, features, scores["perturbdiff"]) if args.curve else None
     return {"dataset": name, "features": source, "fold": fold_index, "heldout_contexts": fold[0], "heldout_perturbations": fold[1],
             "seed": seed, "settings": _settings(args), "training_cells": int(n_train),
             "conditions": [f"{p} | {c}" for p, c in conditions.itertuples(index=False)],
@@ -349,25 +349,25 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
             "scores": scores, **({"curve": curve} if curve is not None else {})}
 
 
-def _curve(run_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features) -> list[dict]:
-    """The model's target metrics at every interval export (``--curve N``) and at the end: how the
-    score moves with the training budget. Read on the held-out cells, so it measures a budget; it is
-    not a way to pick one for a user (that would train on the test set)."""
+def _curve(run_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features, final: dict) -> list[dict]:
+    """The model's target metrics at every interval export (``--curve N``), then ``final`` (the run's
+    own scores of its last export): how the score moves with the training budget. Read on the
+    held-out cells, so it measures a budget; it is not a way to pick one for a user (that would
+    train on the test set)."""
     from perturbdiff.evaluation import evaluate
 
-    exports = sorted((run_dir / "model_run" / "exports").glob("step-*"))
+    keys = ("pearson_delta", "energy_distance", "mae")
     curve = []
-    for export in [*exports, run_dir / "model_run" / "model"]:
+    for export in sorted((run_dir / "model_run" / "exports").glob("step-*")):
         pred, _ = _predict(pargs, bench, export, parts["control"], conditions, features=features)
         ev = evaluate(pred, parts["real"], parts["train"], perturbation_key=ds.perturbation_key,
                       context_key=ds.context_key, control_label=ds.control_label, model_name="perturbdiff",
                       baselines=None, seed=pargs.seed, plots=False)
         row = _scores(ev.aggregate)["perturbdiff"]
-        step = int(export.name.split("-")[1]) if export.name.startswith("step-") else None
-        curve.append({"step": step, **{m: row.get(m) for m in ("pearson_delta", "energy_distance", "mae")}})
-        print(f"    curve: step {step or 'final'}: pearson_delta {row.get('pearson_delta'):.3f}, "
+        curve.append({"step": int(export.name.split("-")[1]), **{m: row.get(m) for m in keys}})
+        print(f"    curve: step {curve[-1]['step']}: pearson_delta {row.get('pearson_delta'):.3f}, "
               f"energy distance {row.get('energy_distance'):.3f}", flush=True)
-    return curve
+    return [*curve, {"step": None, **{m: final.get(m) for m in keys}}]
 
 
 def _settings(args) -> dict:

@@ -165,6 +165,8 @@ def with_validation_groups(spec, atlases, fraction: float, seed: int):
     it would otherwise remove a whole patient's response from training). Where no pair qualifies
     there is no validation split, and the trainer says so.
     """
+    from collections import Counter
+
     import numpy as np
 
     if fraction <= 0:
@@ -187,8 +189,8 @@ def with_validation_groups(spec, atlases, fraction: float, seed: int):
     k = max(1, round(fraction * len(pairs)))
     if k >= len(pairs):
         return spec
-    per_context = {key: sum(c == key for c, _ in pairs) for key, _ in pairs}
-    per_perturbation = {pert: sum(p == pert for _, p in pairs) for _, pert in pairs}
+    per_context = Counter(key for key, _ in pairs)  # trained pairs left per context / per perturbation
+    per_perturbation = Counter(pert for _, pert in pairs)
     chosen = []
     for i in rng.permutation(len(pairs)):
         if len(chosen) == k:

@@ -243,9 +243,9 @@ class Trainer:
             f"{s} {counts[s]['groups']} / {counts[s]['cells']:,} / {counts[s]['sets']}" for s in ("train", "val", "test"))
             + f"; {counts['control_cells']:,} control cells")
         if data.val_fraction > 0 and counts["val"]["groups"] == 0:
-            self._print(f"data.val_fraction={data.val_fraction}: no validation loss: every training (context, perturbation) "
-                        "pair is its context's only trained perturbation or its perturbation's only trained context, "
-                        "and holding one out would take that response away from training")
+            self._print(f"data.val_fraction={data.val_fraction}: no validation loss: no training (context, perturbation) "
+                        "pair could be held out (a pair is held out only while its context and its perturbation keep "
+                        "another trained pair, so that no response is taken away from training)")
 
         common = dict(set_size=data.set_size, batch_size=data.batch_size, weights=data.weights, normalization=config.norm,
                       gene_names=config.gene_names, perturbation_names=config.perturbation_names,
