@@ -188,7 +188,8 @@ def _predict(args, bench, model_dir: Path, control, conditions: pd.DataFrame, fe
     pred = pipe.predict(control, conds, perturbation_key=bench.perturbation_key, context_key=bench.context_key,
                         batch_key="batch", control_label=bench.control_label, set_size=args.set_size,
                         num_populations=args.num_populations, num_steps=args.sample_steps,
-                        guidance_scale=args.guidance_scale, seed=args.seed, progress=False, perturbation_features=features)
+                        guidance_scale=args.guidance_scale, seed=args.seed, progress=False, perturbation_features=features,
+                        **({"anchor_weight": args.anchor_weight} if getattr(args, "anchor_weight", None) is not None else {}))
     return pred, time.time() - t0
 
 

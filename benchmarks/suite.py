@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _holdout import REPO, _conditions, _json_safe, _predict, _run  # noqa: E402
 
 from perturbdiff.baselines import BASELINES  # noqa: E402
+from perturbdiff.pipeline import ANCHOR_WEIGHT  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "finetune" / "configs" / "default.yaml"
 SHARED_DATA = Path(os.environ.get("PERTURBDIFF_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -342,11 +343,33 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
     scores = _scores(ev.aggregate)
     scores[CEILING] = _ceiling(parts, ds, seed)
     curve = _curve(run_dir, bench, parts, conditions, pargs, ds, features, scores["perturbdiff"]) if args.curve else None
+    sweep = _anchor_sweep(model_dir, bench, parts, conditions, pargs, ds, features, args.anchor_weights)
     return {"dataset": name, "features": source, "fold": fold_index, "heldout_contexts": fold[0], "heldout_perturbations": fold[1],
             "seed": seed, "settings": _settings(args), "training_cells": int(n_train),
             "conditions": [f"{p} | {c}" for p, c in conditions.itertuples(index=False)],
             "timings_s": {"train": round(train_s, 1), "predict": round(predict_s, 1), "total": round(time.time() - t0, 1)},
-            "scores": scores, **({"curve": curve} if curve is not None else {})}
+            "scores": scores, **({"curve": curve} if curve is not None else {}),
+            **({"anchor_sweep": sweep} if sweep else {})}
+
+
+def _anchor_sweep(model_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features, weights) -> list[dict]:
+    """The same model's scores with each anchor weight (``--anchor-weights``): how far the predicted
+    mean response should move toward the anchor's. Read on the held-out cells: it measures the
+    setting over the datasets (the default is one value for all); it does not tune a run."""
+    from perturbdiff.evaluation import evaluate
+
+    rows = []
+    for w in weights or []:
+        pred, _ = _predict(SimpleNamespace(**{**vars(pargs), "anchor_weight": w}), bench, model_dir, parts["control"],
+                           conditions, features=features)
+        ev = evaluate(pred, parts["real"], parts["train"], perturbation_key=ds.perturbation_key,
+                      context_key=ds.context_key, control_label=ds.control_label, model_name="perturbdiff",
+                      baselines=None, seed=pargs.seed, plots=False)
+        row = _scores(ev.aggregate)["perturbdiff"]
+        rows.append({"anchor_weight": w, **{m: row.get(m) for m in (*METRICS, *REALISM)}})
+        print(f"    anchor weight {w:g}: pearson_delta {row.get('pearson_delta'):.3f}, "
+              f"energy distance {row.get('energy_distance'):.3f}", flush=True)
+    return rows
 
 
 def _curve(run_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features, final: dict) -> list[dict]:
@@ -373,8 +396,9 @@ def _curve(run_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features
 def _settings(args) -> dict:
     return {"config": str(Path(args.config).resolve().relative_to(REPO)) if Path(args.config).resolve().is_relative_to(REPO)
             else str(args.config), "steps": args.steps, "preset": args.preset, "override": list(args.override),
-            "sample_steps": args.sample_steps, "num_populations": args.num_populations,
-            **({"curve": args.curve} if args.curve else {})}
+            "sample_steps": args.sample_steps, "num_populations": args.num_populations, "anchor_weight": ANCHOR_WEIGHT,
+            **({"curve": args.curve} if args.curve else {}),
+            **({"anchor_weights": list(args.anchor_weights)} if args.anchor_weights else {})}
 
 
 # --------------------------------------------------------------------------- scoreboard
@@ -446,6 +470,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
     p.add_argument("--num-populations", type=int, default=1)
     p.add_argument("--curve", type=int, metavar="N", help="also score an export every N steps (a learning curve per run)")
+    p.add_argument("--anchor-weights", nargs="+", type=float, metavar="W",
+                   help="also score each run's model with these anchor weights (predict's anchor_weight)")
     p.add_argument("--launcher", default=shlex.quote(sys.executable), help='e.g. "accelerate launch --num_processes 8"')
     p.add_argument("--output-dir", default="runs/suite")
     p.add_argument("--overwrite", action="store_true", help="rerun finished runs whose settings differ")

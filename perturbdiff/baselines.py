@@ -8,8 +8,12 @@ mean of all perturbed cells of c. For perturbations the training data never saw:
 ``additive_combination`` (a combination ``A+B``) adds the effects of its parts, each in c where it
 was trained there, else its additive-shift effect; ``nearest_neighbour`` (with perturbation
 features) adds the effect of the training perturbation whose features are closest (cosine), in c
-where it was trained there, else over its contexts. Shifted cells are clipped at 0. A baseline
-that cannot be formed for a condition falls back to ctrl_c (and says so).
+where it was trained there, else over its contexts. ``anchor`` (`Anchor`) is the one rule that
+reduces to whichever of these fits the condition's kind: the additive shift for a context seen only
+with controls, the context mean plus the perturbation's deviation shrunk by how well its
+deviations agree across contexts, the additive combination for ``A+B``; a trained model blends
+its predicted mean response toward it (`perturbdiff.pipeline`). Shifted cells are clipped at 0.
+A baseline that cannot be formed for a condition falls back to ctrl_c (and says so).
 """
 
 from __future__ import annotations
@@ -18,12 +22,51 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["BASELINES", "TRAIN_BASELINES", "FEATURE_BASELINES", "train_stats", "additive_effect", "baseline_cells"]
+__all__ = ["BASELINES", "TRAIN_BASELINES", "FEATURE_BASELINES", "train_stats", "additive_effect", "Anchor", "baseline_cells",
+           "STATS_FILE", "save_stats", "load_stats"]
 
-BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean", "additive_combination",
+BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean", "anchor", "additive_combination",
              "nearest_neighbour")
 TRAIN_BASELINES = BASELINES[1:]  # need the training cells
 FEATURE_BASELINES = ("nearest_neighbour",)  # need perturbation features
+
+
+# The training means a model folder carries for its anchor (`Anchor`), in the model's space.
+STATS_FILE = "response_stats.safetensors"
+
+
+def save_stats(folder, stats: dict) -> None:
+    """Write `train_stats`' sums and counts to ``folder/STATS_FILE`` (safetensors; the pairs in its metadata)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    keys = sorted(stats["sums"])
+    G = len(next(iter(stats["sums"].values()))) if keys else 0
+    save_file({"means": np.stack([stats["sums"][k] / max(stats["counts"][k], 1) for k in keys]).astype(np.float32)
+               if keys else np.zeros((0, G), np.float32),
+               "counts": np.asarray([stats["counts"][k] for k in keys], dtype=np.int64)},
+              str(Path(folder) / STATS_FILE), metadata={"pairs": json.dumps([list(k) for k in keys])})
+
+
+def load_stats(folder) -> dict | None:
+    """`save_stats`' file as `train_stats`' format, or None when the folder has none."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(folder) / STATS_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="numpy") as f:
+        pairs = [tuple(k) for k in json.loads(f.metadata()["pairs"])]
+        means, counts = f.get_tensor("means").astype(np.float64), f.get_tensor("counts")
+    if len(pairs) != len(means) or len(pairs) != len(counts) or not np.isfinite(means).all():
+        raise ValueError(f"{path}: damaged ({len(pairs)} pairs, {len(means)} mean rows, {len(counts)} counts)")
+    return {"sums": {k: means[i] * counts[i] for i, k in enumerate(pairs)},
+            "counts": {k: int(counts[i]) for i, k in enumerate(pairs)}}
 
 
 def train_stats(X, pert: np.ndarray, ctx: np.ndarray) -> dict:
@@ -50,6 +93,75 @@ def additive_effect(train: dict, perturbation, control_label, exclude_context=No
     effects = [sums[k] / counts[k] - sums[(control_label, k[1])] / counts[(control_label, k[1])]
                for k in sums if k[0] == perturbation and k[1] != exclude_context and (control_label, k[1]) in sums]
     return np.mean(effects, axis=0) if effects else None
+
+
+class Anchor:
+    """The mean response of a (perturbation, context) that the training means support, by one rule.
+
+    With e(q, c) = mean of q's cells in c − mean of the controls of c over the trained pairs, the
+    context effect a(c) = the mean of e(·, c) over the perturbations trained in c (ā, their mean
+    over contexts, for a context trained only with controls), and the deviation
+    d(q, c) = e(q, c) − a(c):
+
+    - a perturbation trained in c: e(q, c) (what it measured there);
+    - else a(c) + λ · mean over its contexts of d(q, ·) (0 for a perturbation never trained), where
+      λ = nρ / (1 + (n−1)ρ) for its n contexts and ρ is the share of the deviations' size that
+      repeats across contexts (the mean inner product of a perturbation's deviations in two
+      contexts over their mean squared norm, over every perturbation trained in two or more
+      contexts, clipped to [0, 1]; 1 when no perturbation has two contexts);
+    - a combination ``A+B`` that was never trained as such: the sum of its parts' anchors.
+
+    So it is the additive shift where a context is seen only with controls (one perturbation:
+    glioblastoma patients, Kang cell types), close to the context mean where a perturbation's
+    effect does not repeat across contexts (weak knockdowns in glioma lines), and the additive
+    combination for doubles. Works on `train_stats`' sums and counts, in any linear space.
+    """
+
+    def __init__(self, train: dict, control_label: str):
+        from .features import parts
+
+        self._parts = parts
+        sums, counts = train["sums"], train["counts"]
+        means = {k: np.asarray(sums[k], np.float64) / counts[k] for k in sums if counts[k] > 0}
+        self.effects = {k: v - means[(control_label, k[1])] for k, v in means.items()
+                        if k[0] != control_label and (control_label, k[1]) in means}
+        by_context: dict = {}
+        for (q, c), e in self.effects.items():
+            by_context.setdefault(c, []).append(e)
+        self.context_effect = {c: np.mean(es, axis=0) for c, es in by_context.items()}
+        self.mean_context_effect = np.mean(list(self.context_effect.values()), axis=0) if by_context else None
+        self.deviations: dict = {}
+        for (q, c), e in self.effects.items():
+            self.deviations.setdefault(q, {})[c] = e - self.context_effect[c]
+        cross = norms = 0.0
+        for devs in self.deviations.values():
+            if len(devs) < 2:
+                continue
+            D, n = np.stack(list(devs.values())), len(devs)
+            sq = float((D * D).sum())
+            total = D.sum(0)
+            cross += (float(total @ total) - sq) / 2  # the sum over pairs of contexts of <d_i, d_j>
+            norms += (n - 1) * sq / 2  # the sum over pairs of (|d_i|² + |d_j|²) / 2
+        self.rho = None if norms <= 0 else float(np.clip(cross / norms, 0.0, 1.0))
+
+    def effect(self, perturbation, context) -> np.ndarray | None:
+        """The anchor's mean response [G] of ``perturbation`` in ``context``; None without any trained effect."""
+        if self.mean_context_effect is None:
+            return None
+        trained = perturbation in self.deviations
+        return sum(self._single(q, context) for q in ([perturbation] if trained else self._parts(perturbation)))
+
+    def shrinkage(self, n: int) -> float:
+        """λ for a perturbation's mean deviation over ``n`` contexts (Spearman–Brown of ρ)."""
+        rho = 1.0 if self.rho is None else self.rho
+        return n * rho / (1 + (n - 1) * rho) if rho > 0 else 0.0
+
+    def _single(self, q, c) -> np.ndarray:
+        if (q, c) in self.effects:
+            return self.effects[(q, c)]
+        base = self.context_effect.get(c, self.mean_context_effect)
+        devs = [d for cc, d in self.deviations.get(q, {}).items() if cc != c]
+        return base + self.shrinkage(len(devs)) * np.mean(devs, axis=0) if devs else base
 
 
 def _effect_in(train: dict, perturbation, context, control_label) -> np.ndarray | None:
@@ -93,6 +205,7 @@ def baseline_cells(name: str, conditions, controls: dict, train: dict | None, co
     trained = {k[0] for k in train["sums"] if k[0] != control_label} if train else set()
     cells, fallback = {}, {}
     tr = train
+    anchor = Anchor(train, control_label) if name == "anchor" else None
     for p, c in conditions:
         ctrl = controls[c]
         ctrl_mean = ctrl.mean(0, dtype=np.float64)
@@ -109,6 +222,8 @@ def baseline_cells(name: str, conditions, controls: dict, train: dict | None, co
             if keys:
                 nu = sum(tr["sums"][k] for k in keys) / sum(tr["counts"][k] for k in keys)
                 shift = nu - ctrl_mean
+        elif name == "anchor":
+            shift = anchor.effect(p, c)
         elif name == "additive_combination":
             singles = parts(p)
             effects = [_effect_in(tr, q, c, control_label) for q in singles if q in trained]

@@ -359,8 +359,8 @@ def evaluate(
         train: AnnData of the training cells (controls and perturbed); needed for every baseline
             except ``control_mean``.
         outdir: where to write metrics CSVs, ``summary.md`` and PNG plots (nothing when None).
-        baselines: names from ``BASELINES``; ``"auto"`` = with ``train`` the four of every screen
-            (control, perturbation and context means, additive shift), ``additive_combination`` when
+        baselines: names from ``BASELINES``; ``"auto"`` = with ``train`` the five of every screen
+            (control, perturbation and context means, additive shift, anchor), ``additive_combination`` when
             a condition is a combination and ``nearest_neighbour`` with ``perturbation_features``;
             without ``train`` control_mean; ``None`` / ``[]`` = none.
         population: which predicted population cell-eval scores (an int, or ``"all"`` pooled); the
@@ -386,7 +386,7 @@ def evaluate(
             baselines = ("control_mean",)
         else:
             combination = any(len(parts(n)) > 1 for n in names)
-            baselines = (*BASELINES[:4], *(["additive_combination"] if combination else []),
+            baselines = (*BASELINES[:5], *(["additive_combination"] if combination else []),
                          *(["nearest_neighbour"] if features else []))
     elif isinstance(baselines, str):
         baselines = (baselines,)
@@ -466,7 +466,7 @@ def add_parser(sub) -> None:
     p.add_argument("--context-key", default="context")
     p.add_argument("--control-label", default="control")
     p.add_argument("--baselines", nargs="*", default=None,
-                   help=f"subset of {list(BASELINES)} (default with --train: the four of every screen, additive_combination for "
+                   help=f"subset of {list(BASELINES)} (default with --train: the five of every screen, additive_combination for "
                         "combinations, nearest_neighbour with --perturbation-features; else control_mean; none: no baselines)")
     p.add_argument("--perturbation-features", help="a perturbation feature table (perturbdiff features), "
                    "for the nearest_neighbour baseline")

@@ -27,6 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .baselines import STATS_FILE, Anchor, load_stats
 from .cli import ShowDefaults
 from .conditions import clean_conditions, condition_rngs, draw_cells, feature_table, make_conditions, read_conditions
 from .configuration import NULL_ID
@@ -40,6 +41,10 @@ from .modeling import PerturbDiffModel
 from .objective import sample_sets
 
 __all__ = ["PerturbDiffPipeline", "add_parser"]
+
+# How far each condition's predicted mean response is moved toward the anchor's (the training means'
+# rule, `perturbdiff.baselines.Anchor`): 0 keeps the network's, 1 takes the anchor's (docs/benchmarks.md).
+ANCHOR_WEIGHT = 0.5
 
 # With --allow-missing-genes at least this fraction of the model's genes must be in the data:
 # a prediction from mostly zero-filled inputs is not a prediction.
@@ -66,7 +71,8 @@ class PerturbDiffPipeline:
         device: ``"auto"`` (CUDA when available, else CPU) or a torch device.
     """
 
-    def __init__(self, model: PerturbDiffModel, diffusion: GaussianDiffusion | None = None, device="auto"):
+    def __init__(self, model: PerturbDiffModel, diffusion: GaussianDiffusion | None = None, device="auto",
+                 response_stats: dict | None = None):
         if device == "auto" or device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -74,6 +80,9 @@ class PerturbDiffPipeline:
         self.config = model.config
         self.diffusion = diffusion or GaussianDiffusion.from_config(self.config)
         self.source = getattr(model, "name_or_path", "") or ""
+        # the training means (model space) behind the anchor; None: predictions are the network's alone
+        self.anchor = (Anchor(response_stats, self.config.control_label or "control")
+                       if response_stats is not None else None)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device="auto") -> "PerturbDiffPipeline":
@@ -81,7 +90,7 @@ class PerturbDiffPipeline:
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} is not a PerturbDiff model folder (no config.json)")
-        pipe = cls(PerturbDiffModel.from_pretrained(folder), device=device)
+        pipe = cls(PerturbDiffModel.from_pretrained(folder), device=device, response_stats=load_stats(folder))
         pipe.source = str(folder)
         return pipe
 
@@ -117,6 +126,7 @@ class PerturbDiffPipeline:
         seed: int = 0,
         batch_sets: int = 8,
         integer_counts: bool = True,
+        anchor_weight: float = ANCHOR_WEIGHT,
         progress: bool = True,
     ):
         """Predict perturbed cells for each condition; returns an AnnData in the model's gene order.
@@ -152,6 +162,12 @@ class PerturbDiffPipeline:
                 X their normalisation), as a sequencer would report it; False keeps the model's
                 continuous values (values between zero and one count's worth, which no sequenced
                 cell has).
+            anchor_weight: move each condition's predicted mean response (over its populations,
+                from its control cells' mean) this far toward the anchor's, the response the
+                training means give by `perturbdiff.baselines.Anchor` (every cell shifted alike,
+                then clipped at 0): 0 keeps the network's, 1 takes the anchor's. Needs the model
+                folder's ``response_stats.safetensors`` (written by the trainer); without it the
+                network's response is kept and ``uns`` says so.
         """
         import anndata as ad
         from tqdm.auto import tqdm
@@ -165,6 +181,9 @@ class PerturbDiffPipeline:
         if cells_per_condition is not None and int(cells_per_condition) < 1:
             raise ValueError(f"cells_per_condition must be >= 1, got {cells_per_condition}")
         self.diffusion.timesteps(num_steps)  # validates num_steps before any work
+        if not 0.0 <= float(anchor_weight) <= 1.0:
+            raise ValueError(f"anchor_weight must be in [0, 1], got {anchor_weight}")
+        anchor = self.anchor if float(anchor_weight) > 0 else None
 
         conds = self._resolve_conditions(conditions, perturbation, context, batch, dose)
         ids, features = self._encode_conditions(conds, perturbation_features)
@@ -206,6 +225,13 @@ class PerturbDiffPipeline:
                 num_populations=K, batch_sets=int(batch_sets), ids={k: v[i] for k, v in ids.items()},
                 features=features[i], num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, bar=bar,
             )
+            anchored = False
+            if anchor is not None:
+                effect = anchor.effect(cond.perturbation, cond.context)
+                if effect is not None:  # every cell moves alike: the populations keep their spread
+                    own = values.mean((0, 1), dtype=np.float64) - pool["X"][members[i]].mean(0, dtype=np.float64)
+                    values = np.maximum(values + (float(anchor_weight) * (effect - own)).astype(np.float32), 0)
+                    anchored = True
             values = values.reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
             if ceiling is not None:  # no cell can exceed "all its counts in one gene"
                 num_clipped += int((values > ceiling).sum())
@@ -228,7 +254,8 @@ class PerturbDiffPipeline:
             table.append(dict(perturbation=cond.perturbation, context=cond.context, batch=cond.batch,
                               dose=cond.dose, num_control_cells=len(members[i]), control_source=sources[i],
                               num_cells=n_cells, set_size=m, num_sets=math.ceil(n_cells / m),
-                              population_spread=spread_sd[-1][1], population_noise=spread_sd[-1][2]))
+                              population_spread=spread_sd[-1][1], population_noise=spread_sd[-1][2],
+                              anchored=anchored))
 
         bar.close()
         obs = pd.concat(obs_blocks)
@@ -258,6 +285,11 @@ class PerturbDiffPipeline:
             "num_missing_genes": int(info["missing_genes"]), "num_dropped_empty_cells": int(info["dropped"]),
             "num_clipped_values": num_clipped,
             "integer_counts": decode,
+            "anchor_weight": float(anchor_weight) if anchor is not None else 0.0,
+            "anchor": (f"each condition's mean response moved {float(anchor_weight):g} of the way to the anchor's "
+                       "(perturbdiff.baselines.Anchor; conditions table: anchored)" if anchor is not None else
+                       "none: the network's response" + ("" if self.anchor is not None or not float(anchor_weight)
+                                                          else f" (the model folder has no {STATS_FILE})")),
             # perturbations without training cells (held out, or outside the vocabulary)
             "unseen_perturbations": sorted({str(p) for p in conds["perturbation"]}
                                            - set(cfg.trained_perturbations if cfg.trained_perturbations is not None
@@ -552,6 +584,9 @@ def add_parser(sub) -> None:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic given the seed)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-sets", type=int, default=8, help="sets per forward pass")
+    s.add_argument("--anchor-weight", type=float, default=ANCHOR_WEIGHT,
+                   help="move each condition's mean response this far toward the anchor's (the training means' "
+                   "rule; 0: the network's alone)")
     s.add_argument("--no-integer-counts", dest="integer_counts", action="store_false",
                    help="keep the model's continuous values instead of integer counts at each cell's control "
                    "library size (layers['counts'])")
@@ -577,7 +612,7 @@ def _run(args) -> int:
         allow_missing_genes=args.allow_missing_genes, cells_per_condition=args.cells_per_condition,
         set_size=args.set_size, num_populations=args.num_populations, num_steps=args.steps,
         guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, batch_sets=args.batch_sets,
-        integer_counts=args.integer_counts, progress=not args.no_progress,
+        integer_counts=args.integer_counts, anchor_weight=args.anchor_weight, progress=not args.no_progress,
     )
     atomic_write(args.out, pred.write_h5ad)
     n_cond = len(pred.uns["perturbdiff"]["conditions"])

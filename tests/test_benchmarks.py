@@ -61,7 +61,7 @@ def test_suite_smoke_run_scores_a_fold_resumes_and_refuses_other_settings(tmp_pa
             "--sample-steps", "2", "--output-dir", str(tmp_path)]
     board = suite.main(argv)
     entry = board["datasets"]["synthetic"]
-    assert set(entry["methods"]) == {"perturbdiff", *suite.BASELINES[:4], suite.CEILING}  # no combinations, no features
+    assert set(entry["methods"]) == {"perturbdiff", *suite.BASELINES[:5], suite.CEILING}  # no combinations, no features
     assert entry["runs"] == 1 and entry["folds"] == [0] and entry["seeds"] == [0]
     for baseline, flags in entry["beats"].items():
         for metric, better in suite.METRICS.items():

@@ -66,7 +66,7 @@ def test_truth_is_perfect_and_control_is_worse(split, tmp_path):
     real, train, truth, as_control = split
     good = run(truth, real, train, outdir=tmp_path, plots=True)
     agg = good.aggregate.set_index("method")
-    assert list(agg.index) == ["PerturbDiff", *BASELINES[:4]] and (agg["num_conditions"] == 3).all()
+    assert list(agg.index) == ["PerturbDiff", *BASELINES[:5]] and (agg["num_conditions"] == 3).all()
     model = agg.loc["PerturbDiff"]
     assert model["pearson_delta"] == pytest.approx(1.0)
     assert model["r2_delta"] == pytest.approx(1.0) and model["mse"] == pytest.approx(0.0, abs=1e-10)
@@ -101,7 +101,7 @@ def test_truth_is_perfect_and_control_is_worse(split, tmp_path):
     assert names == ["mean_shift.png", "metrics.png", "metrics_aggregate.csv", "metrics_per_condition.csv",
                      "pca.png", "summary.md"]
     per_condition = pd.read_csv(tmp_path / "metrics_per_condition.csv")
-    assert len(per_condition) == 3 * (1 + len(BASELINES[:4]))  # no combinations, no features: the four
+    assert len(per_condition) == 3 * (1 + len(BASELINES[:5]))  # no combinations, no features: the five
     assert {"method", "perturbation", "context", "pearson_delta", "energy_distance", "fallback"} <= set(per_condition.columns)
     summary = (tmp_path / "summary.md").read_text()
     assert "| pearson_delta ↑ | **1** |" in summary and "additive_shift" in summary

@@ -224,6 +224,19 @@ def test_finetune_from_a_pretrained_export_on_an_h5ad_screen(env, tmp_path):
     assert (shift[0] == 0).all()
     card = (out / "model" / "README.md").read_text()
     assert "objective: conditional" in card and "base model: pre/model" in card and "screen.h5ad" in card
+    # the training means travel with the export (prediction's anchor): never the held-out pair's
+    # cells, always the controls of its context, each the mean of the pair's cells in the model's space
+    from perturbdiff.baselines import load_stats
+
+    stats = load_stats(out / "model")
+    assert ("PERT1", "A549") not in stats["counts"] and ("DMSO", "A549") in stats["counts"]
+    X = screen.X.toarray() if hasattr(screen.X, "toarray") else np.asarray(screen.X)
+    normed = pdiff.normalize_counts(X, c.norm)
+    cols = [list(screen.var_names).index(g) for g in c.gene_names]
+    for key in (("PERT1", "celltype0"), ("DMSO", "A549")):
+        rows = ((screen.obs["drug"] == key[0]) & (screen.obs["line"] == key[1])).to_numpy()
+        assert stats["counts"][key] == rows.sum()
+        np.testing.assert_allclose(stats["sums"][key] / stats["counts"][key], normed[rows][:, cols].mean(0), atol=1e-5)
     ctrl = torch.rand(2, 8, c.num_genes)
     sets = pdiff.sample_sets(model, control=ctrl, perturbation=c.encode("perturbation", ["PERT1", "PERT1"]),
                           context=c.encode("context", ["A549", "A549"]), num_steps=4)

@@ -433,18 +433,11 @@ class CellSetDataset(IterableDataset):
                  for g in np.unique(base[:, 0])}
         return sorted(names)
 
-    def gene_maxima(self, max_cells: int = 4096, budget: int = 500_000) -> tuple[np.ndarray, int]:
-        """Each vocabulary gene's largest normalised value over this split's groups and every control
-        group (the model's space; what `PerturbDiffConfig.gene_max` records).
-
-        Each group contributes its first rows (the builder shuffles cells within groups: a random
-        subset), up to ``max_cells``, and fewer in proportion to its size when the groups hold more
-        than ``budget`` cells together. Groups held out of this split are never read.
-
-        Returns:
-            float32 [G] maxima (0 for a gene never seen expressed) and the number of cells read.
-        """
-        out, read = np.zeros(self.num_genes, dtype=np.float32), 0
+    def _first_rows(self, max_cells: int, budget: int):
+        """Each of this split's groups and every control group with its first rows, normalised
+        (the builder shuffles cells within groups: a random subset), up to ``max_cells``, and fewer
+        in proportion to its size when the groups hold more than ``budget`` cells together. Groups
+        held out of this split are never read. Yields (source, group id, indptr, cols, values)."""
         chosen = [(src, sorted(set(np.unique(base[:, 0]).tolist()) | set(np.flatnonzero(src.is_control & (src.size > 0)).tolist())))
                   for src, base in zip(self.sources, self._base)]
         total = sum(int(src.size[g].sum()) for src, g in chosen if g)
@@ -453,10 +446,32 @@ class CellSetDataset(IterableDataset):
             for gid in gids:
                 n = int(min(src.size[gid], max_cells, max(1, np.ceil(src.size[gid] * share))))
                 start = int(src.start[gid])
-                _, cols, values = self._normalise([(src.atlas.read_rows(start, start + n), src)])
-                np.maximum.at(out, cols, values)
-                read += n
+                yield (src, gid, *self._normalise([(src.atlas.read_rows(start, start + n), src)]))
+
+    def gene_maxima(self, max_cells: int = 4096, budget: int = 500_000) -> tuple[np.ndarray, int]:
+        """Each vocabulary gene's largest normalised value over this split's groups and every control
+        group (the model's space; what `PerturbDiffConfig.gene_max` records), from `_first_rows`.
+
+        Returns:
+            float32 [G] maxima (0 for a gene never seen expressed) and the number of cells read.
+        """
+        out, read = np.zeros(self.num_genes, dtype=np.float32), 0
+        for _, _, indptr, cols, values in self._first_rows(max_cells, budget):
+            np.maximum.at(out, cols, values)
+            read += len(indptr) - 1
         return out, read
+
+    def response_stats(self, max_cells: int = 4096, budget: int = 500_000) -> dict:
+        """Per (perturbation, context) of this split's groups and every control group: the sum of
+        the cells' normalised expression [G] (the model's space) and their number, from `_first_rows`
+        (`perturbdiff.baselines.train_stats`' format; what `perturbdiff.baselines.Anchor` takes)."""
+        sums, counts = {}, {}
+        for src, gid, indptr, cols, values in self._first_rows(max_cells, budget):
+            key = (str(src.groups["perturbation"].iat[gid]), str(src.groups["context"].iat[gid]))
+            row = sums.setdefault(key, np.zeros(self.num_genes, dtype=np.float64))
+            np.add.at(row, cols, values.astype(np.float64))
+            counts[key] = counts.get(key, 0) + len(indptr) - 1
+        return {"sums": sums, "counts": counts}
 
     def batch_rows(self, index: int, epoch: int | None = None) -> list[dict]:
         """The atlas rows of the cells of this rank's batch ``index`` (for inspection and benchmarks).

@@ -7,7 +7,8 @@ Two kinds of checkpoint, as in diffusers / torchtitan:
   RNG states, loader position). Written into a temporary folder and renamed when every rank is
   done; ``COMPLETE`` marks it whole; the newest ``keep_last`` are kept.
 - an **export** ``OUTPUT/model/`` (and ``OUTPUT/exports/step-N/``): ``save_pretrained`` with
-  ``config.json`` + ``model.safetensors`` (EMA weights when the EMA is on) and a ``README.md``
+  ``config.json`` + ``model.safetensors`` (EMA weights when the EMA is on), the training means of a
+  conditional model (``response_stats.safetensors``, for prediction's anchor) and a ``README.md``
   model card. It loads with ``from_pretrained`` and needs no code from the folder.
 
 Layout of a run's ``output_dir`` (one run per folder: `claim_output_dir`)::
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..baselines import save_stats
 from ..configuration import PerturbDiffConfig
 from ..data.remote import location_name
 from ..files import atomic_json
@@ -307,8 +309,10 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 # =========================================================================== exports
-def write_export(path: Path, config: PerturbDiffConfig, state: dict[str, torch.Tensor], card: str) -> Path:
-    """A ``save_pretrained`` folder from a full state dict, written to a temporary sibling and renamed.
+def write_export(path: Path, config: PerturbDiffConfig, state: dict[str, torch.Tensor], card: str,
+                 response_stats: dict | None = None) -> Path:
+    """A ``save_pretrained`` folder from a full state dict, written to a temporary sibling and renamed;
+    with ``response_stats`` (the training means, `perturbdiff.baselines.save_stats`) beside the weights.
 
     Weights that are not finite are refused: a NaN model is never exported (nor pushed).
     """
@@ -319,6 +323,8 @@ def write_export(path: Path, config: PerturbDiffConfig, state: dict[str, torch.T
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
+    if response_stats is not None:
+        save_stats(tmp, response_stats)
     for f in tmp.iterdir():  # an export is meant to be shared: readable by others
         f.chmod(0o644)
     tmp.chmod(0o755)

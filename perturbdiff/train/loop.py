@@ -125,6 +125,9 @@ class Trainer:
         model.config.set_size = data.set_size
         if self.cfg.train.objective == "conditional":
             model.config.trained_perturbations = self.train_data.dataset.split_perturbations()
+        # the training means travel with every export (prediction's anchor, perturbdiff.baselines.Anchor)
+        self.response_stats = (self.train_data.dataset.response_stats()
+                               if self.cfg.train.objective == "conditional" else None)
         maxima, cells = self.train_data.dataset.gene_maxima()
         model.config.gene_max = [float(v) for v in maxima]  # sampling keeps each gene in its range
         self._print(f"gene ranges: the largest value of each gene over {cells:,} training and control cells "
@@ -573,6 +576,6 @@ class Trainer:
             card = checkpoint.model_card(self.model_config, self.cfg, step=self.step, cells_seen=self.cells_seen,
                                          world_size=self.world_size, ema_on=self.ema is not None,
                                          logs=self.last_logs, extra=self.model_card, datasets=self.datasets)
-            checkpoint.write_export(path, self.model_config, state, card)
+            checkpoint.write_export(path, self.model_config, state, card, self.response_stats)
         accelerator.wait_for_everyone()
         return path
