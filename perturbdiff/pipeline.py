@@ -42,8 +42,8 @@ from .objective import sample_sets
 
 __all__ = ["PerturbDiffPipeline", "add_parser"]
 
-# How far each condition's predicted mean response is moved toward the anchor's (the training means'
-# rule, `perturbdiff.baselines.Anchor`): 0 keeps the network's, 1 takes the anchor's (docs/benchmarks.md).
+# How far each predicted cell's change from its control cell is moved toward the anchor's (the training
+# means' rule, `perturbdiff.baselines.Anchor`; `anchor_cells`): 0 keeps the network's (docs/benchmarks.md).
 ANCHOR_WEIGHT = 0.5
 
 # With --allow-missing-genes at least this fraction of the model's genes must be in the data:
@@ -162,12 +162,12 @@ class PerturbDiffPipeline:
                 X their normalisation), as a sequencer would report it; False keeps the model's
                 continuous values (values between zero and one count's worth, which no sequenced
                 cell has).
-            anchor_weight: move each condition's predicted mean response (over its populations,
-                from its control cells' mean) this far toward the anchor's, the response the
-                training means give by `perturbdiff.baselines.Anchor` (every cell shifted alike,
-                then clipped at 0): 0 keeps the network's, 1 takes the anchor's. Needs the model
-                folder's ``response_stats.safetensors`` (written by the trainer); without it the
-                network's response is kept and ``uns`` says so.
+            anchor_weight: move each predicted cell's change from its paired control cell this
+                far toward the anchor's change, the mean response the training means give by
+                `perturbdiff.baselines.Anchor` (`anchor_cells`; the populations keep their
+                differences): 0 keeps the network's cells, 1 gives control cells + the anchor's
+                response. Needs the model folder's ``response_stats.safetensors`` (written by the
+                trainer); without it the network's cells are kept and ``uns`` says so.
         """
         import anndata as ad
         from tqdm.auto import tqdm
@@ -228,9 +228,8 @@ class PerturbDiffPipeline:
             anchored = False
             if anchor is not None:
                 effect = anchor.effect(cond.perturbation, cond.context)
-                if effect is not None:  # every cell moves alike: the populations keep their spread
-                    own = values.mean((0, 1), dtype=np.float64) - pool["X"][members[i]].mean(0, dtype=np.float64)
-                    values = np.maximum(values + (float(anchor_weight) * (effect - own)).astype(np.float32), 0)
+                if effect is not None:
+                    values = anchor_cells(values, pool["X"][used], effect, float(anchor_weight))
                     anchored = True
             values = values.reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
             if ceiling is not None:  # no cell can exceed "all its counts in one gene"
@@ -286,8 +285,8 @@ class PerturbDiffPipeline:
             "num_clipped_values": num_clipped,
             "integer_counts": decode,
             "anchor_weight": float(anchor_weight) if anchor is not None else 0.0,
-            "anchor": (f"each condition's mean response moved {float(anchor_weight):g} of the way to the anchor's "
-                       "(perturbdiff.baselines.Anchor; conditions table: anchored)" if anchor is not None else
+            "anchor": (f"each cell's change from its control cell moved {float(anchor_weight):g} of the way to the "
+                       "anchor's (perturbdiff.baselines.Anchor, pipeline.anchor_cells; conditions table: anchored)" if anchor is not None else
                        "none: the network's response" + ("" if self.anchor is not None or not float(anchor_weight)
                                                           else f" (the model folder has no {STATS_FILE})")),
             # perturbations without training cells (held out, or outside the vocabulary)
@@ -535,6 +534,24 @@ class PerturbDiffPipeline:
 
 
 # --------------------------------------------------------------------------- helpers
+def anchor_cells(values: np.ndarray, controls: np.ndarray, effect: np.ndarray, weight: float) -> np.ndarray:
+    """Each predicted cell's change from its paired control cell, moved ``weight`` of the way toward
+    the anchor's change: ``(1 − w)·cell + w·(control + effect)``, plus w times its population's
+    departure from the mean of the populations (so the K populations differ as the network's do),
+    clipped at 0.
+
+    Args:
+        values: predicted cells [K, n, G] (model space); controls: each one's control cell [K, n, G];
+        effect: the anchor's mean response [G] (model space); weight: w in [0, 1].
+    """
+    w = np.float32(weight)
+    out = (1 - w) * values + w * (controls + effect.astype(np.float32))
+    if len(values) > 1:
+        pops = values.mean(1, keepdims=True, dtype=np.float64)  # [K, 1, G]
+        out += (w * (pops - pops.mean(0, keepdims=True))).astype(np.float32)
+    return np.maximum(out, 0, out=out)
+
+
 def _better_gene_column(var: pd.DataFrame, model_genes: Sequence[str], n_shared: int) -> str | None:
     genes = set(model_genes)
     best, best_n = None, n_shared
@@ -585,8 +602,8 @@ def add_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-sets", type=int, default=8, help="sets per forward pass")
     s.add_argument("--anchor-weight", type=float, default=ANCHOR_WEIGHT,
-                   help="move each condition's mean response this far toward the anchor's (the training means' "
-                   "rule; 0: the network's alone)")
+                   help="move each predicted cell's change from its control cell this far toward the anchor's "
+                   "(the training means' rule; 0: the network's alone)")
     s.add_argument("--no-integer-counts", dest="integer_counts", action="store_false",
                    help="keep the model's continuous values instead of integer counts at each cell's control "
                    "library size (layers['counts'])")

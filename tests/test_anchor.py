@@ -9,7 +9,7 @@ import torch
 
 import perturbdiff as pdiff
 from perturbdiff.baselines import STATS_FILE, Anchor, additive_effect, load_stats, save_stats, train_stats
-from perturbdiff.pipeline import PerturbDiffPipeline
+from perturbdiff.pipeline import PerturbDiffPipeline, anchor_cells
 
 G = 40
 
@@ -161,7 +161,25 @@ def test_prediction_moves_the_mean_response_toward_the_anchor(folders):
     mid = np.asarray(half.X).mean(0) - ctrl_mean
     own = np.asarray(net.X).mean(0) - ctrl_mean
     np.testing.assert_allclose(mid[ok], (own[ok] + target[ok]) / 2, atol=1e-4)
-    # every cell moves alike: the spread of the cells is the network's
+    # this network gives back each cell's control cell, so the blend keeps the control cells' spread
     np.testing.assert_allclose(np.asarray(full.X)[:, ok].std(0), np.asarray(net.X)[:, ok].std(0), rtol=1e-3)
     with pytest.raises(ValueError, match="anchor_weight must be in"):
         pipe.predict(control, anchor_weight=1.5, **kw)
+
+
+def test_anchor_cells_blend_each_cells_change_and_keep_the_populations_apart():
+    rng = np.random.default_rng(5)
+    K, n = 3, 200
+    controls = rng.gamma(4, 1, (K, n, G)).astype(np.float32) + 2
+    values = controls + rng.normal(0, 1, (K, n, G)).astype(np.float32) + np.arange(K)[:, None, None] * 0.5 + 1
+    effect = rng.normal(0, 0.5, G)
+    w = 0.75
+    out = anchor_cells(values, controls, effect, w)
+    assert (out > 0).all()  # nothing was clipped: the identities below are exact
+    response = lambda x: x.mean((0, 1)) - controls.mean((0, 1))  # noqa: E731
+    np.testing.assert_allclose(response(out), (1 - w) * response(values) + w * effect, atol=1e-4)
+    pops = lambda x: x.mean(1) - x.mean((0, 1))  # noqa: E731  [K, G]: each population's departure
+    # the network's population differences stay whole (plus w of the control draws' own)
+    np.testing.assert_allclose(pops(out), pops(values) + w * pops(controls), atol=1e-4)
+    np.testing.assert_allclose(anchor_cells(values[:1], controls[:1], effect, 1.0), np.maximum(controls[:1] + effect, 0), atol=1e-5)
+    np.testing.assert_array_equal(anchor_cells(values, controls, effect, 0.0), np.maximum(values, 0))
