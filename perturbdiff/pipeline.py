@@ -44,7 +44,7 @@ __all__ = ["PerturbDiffPipeline", "add_parser"]
 
 # How far each predicted cell's change from its control cell is moved toward the anchor's (the training
 # means' rule, `perturbdiff.baselines.Anchor`; `anchor_cells`): 0 keeps the network's (docs/benchmarks.md).
-ANCHOR_WEIGHT = 0.5
+ANCHOR_WEIGHT = 0.6
 
 # With --allow-missing-genes at least this fraction of the model's genes must be in the data:
 # a prediction from mostly zero-filled inputs is not a prediction.
