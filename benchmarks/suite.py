@@ -353,23 +353,28 @@ def run_one(ds: Dataset, screen, fold_index: int, seed: int, args, out: Path, so
 
 
 def _anchor_sweep(model_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features, weights) -> list[dict]:
-    """The same model's scores with each anchor weight (``--anchor-weights``): how far the predicted
-    mean response should move toward the anchor's. Read on the held-out cells: it measures the
+    """The same model's scores with each anchor weight (``--anchor-weights``): how far each predicted
+    cell's change should move toward the anchor's. Read on the held-out cells: it measures the
     setting over the datasets (the default is one value for all); it does not tune a run."""
-    from perturbdiff.evaluation import evaluate
-
     rows = []
     for w in weights or []:
-        pred, _ = _predict(SimpleNamespace(**{**vars(pargs), "anchor_weight": w}), bench, model_dir, parts["control"],
-                           conditions, features=features)
-        ev = evaluate(pred, parts["real"], parts["train"], perturbation_key=ds.perturbation_key,
-                      context_key=ds.context_key, control_label=ds.control_label, model_name="perturbdiff",
-                      baselines=None, seed=pargs.seed, plots=False)
-        row = _scores(ev.aggregate)["perturbdiff"]
+        row = _model_scores(SimpleNamespace(**{**vars(pargs), "anchor_weight": w}), bench, model_dir, parts,
+                            conditions, ds, features)
         rows.append({"anchor_weight": w, **{m: row.get(m) for m in (*METRICS, *REALISM)}})
         print(f"    anchor weight {w:g}: pearson_delta {row.get('pearson_delta'):.3f}, "
               f"energy distance {row.get('energy_distance'):.3f}", flush=True)
     return rows
+
+
+def _model_scores(pargs, bench, model_dir: Path, parts, conditions, ds: Dataset, features) -> dict:
+    """One model folder's prediction of the held-out conditions, scored alone (no baselines)."""
+    from perturbdiff.evaluation import evaluate
+
+    pred, _ = _predict(pargs, bench, model_dir, parts["control"], conditions, features=features)
+    ev = evaluate(pred, parts["real"], parts["train"], perturbation_key=ds.perturbation_key,
+                  context_key=ds.context_key, control_label=ds.control_label, model_name="perturbdiff",
+                  baselines=None, seed=pargs.seed, plots=False)
+    return _scores(ev.aggregate)["perturbdiff"]
 
 
 def _curve(run_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features, final: dict) -> list[dict]:
@@ -377,16 +382,10 @@ def _curve(run_dir: Path, bench, parts, conditions, pargs, ds: Dataset, features
     own scores of its last export): how the score moves with the training budget. Read on the
     held-out cells, so it measures a budget; it is not a way to pick one for a user (that would
     train on the test set)."""
-    from perturbdiff.evaluation import evaluate
-
     keys = ("pearson_delta", "energy_distance", "mae")
     curve = []
     for export in sorted((run_dir / "model_run" / "exports").glob("step-*")):
-        pred, _ = _predict(pargs, bench, export, parts["control"], conditions, features=features)
-        ev = evaluate(pred, parts["real"], parts["train"], perturbation_key=ds.perturbation_key,
-                      context_key=ds.context_key, control_label=ds.control_label, model_name="perturbdiff",
-                      baselines=None, seed=pargs.seed, plots=False)
-        row = _scores(ev.aggregate)["perturbdiff"]
+        row = _model_scores(pargs, bench, export, parts, conditions, ds, features)
         curve.append({"step": int(export.name.split("-")[1]), **{m: row.get(m) for m in keys}})
         print(f"    curve: step {curve[-1]['step']}: pearson_delta {row.get('pearson_delta'):.3f}, "
               f"energy distance {row.get('energy_distance'):.3f}", flush=True)

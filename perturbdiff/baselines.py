@@ -11,8 +11,8 @@ features) adds the effect of the training perturbation whose features are closes
 where it was trained there, else over its contexts. ``anchor`` (`Anchor`) is the one rule that
 reduces to whichever of these fits the condition's kind: the additive shift for a context seen only
 with controls, the context mean plus the perturbation's deviation shrunk by how well its
-deviations agree across contexts, the additive combination for ``A+B``; a trained model blends
-its predicted mean response toward it (`perturbdiff.pipeline`). Shifted cells are clipped at 0.
+deviations agree across contexts, the additive combination for ``A+B``; prediction moves each
+predicted cell's change from its control cell toward it (`perturbdiff.pipeline.anchor_cells`). Shifted cells are clipped at 0.
 A baseline that cannot be formed for a condition falls back to ctrl_c (and says so).
 """
 

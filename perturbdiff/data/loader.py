@@ -433,45 +433,40 @@ class CellSetDataset(IterableDataset):
                  for g in np.unique(base[:, 0])}
         return sorted(names)
 
-    def _first_rows(self, max_cells: int, budget: int):
-        """Each of this split's groups and every control group with its first rows, normalised
-        (the builder shuffles cells within groups: a random subset), up to ``max_cells``, and fewer
-        in proportion to its size when the groups hold more than ``budget`` cells together. Groups
-        held out of this split are never read. Yields (source, group id, indptr, cols, values)."""
+    def summary(self, max_cells: int = 4096, budget: int = 500_000) -> dict:
+        """What prediction needs to know of this split's cells, from one read of this split's groups
+        and every control group: each group's first rows (the builder shuffles cells within groups:
+        a random subset), up to ``max_cells``, and fewer in proportion to its size when the groups
+        hold more than ``budget`` cells together. Groups held out of this split are never read.
+
+        Returns:
+            ``gene_max``: float32 [G], each vocabulary gene's largest normalised value (the model's
+            space; 0 for a gene never seen expressed; what `PerturbDiffConfig.gene_max` records);
+            ``cells``: the number of cells read; ``sums`` / ``counts``: per (perturbation, context)
+            the sum of the cells' normalised expression [G] and their number
+            (`perturbdiff.baselines.train_stats`' format; what `perturbdiff.baselines.Anchor` takes).
+        """
         chosen = [(src, sorted(set(np.unique(base[:, 0]).tolist()) | set(np.flatnonzero(src.is_control & (src.size > 0)).tolist())))
                   for src, base in zip(self.sources, self._base)]
         total = sum(int(src.size[g].sum()) for src, g in chosen if g)
         share = min(1.0, budget / max(total, 1))
+        maxima, read, sums, counts = np.zeros(self.num_genes, dtype=np.float32), 0, {}, {}
         for src, gids in chosen:
             for gid in gids:
                 n = int(min(src.size[gid], max_cells, max(1, np.ceil(src.size[gid] * share))))
                 start = int(src.start[gid])
-                yield (src, gid, *self._normalise([(src.atlas.read_rows(start, start + n), src)]))
+                _, cols, values = self._normalise([(src.atlas.read_rows(start, start + n), src)])
+                np.maximum.at(maxima, cols, values)
+                key = (str(src.groups["perturbation"].iat[gid]), str(src.groups["context"].iat[gid]))
+                np.add.at(sums.setdefault(key, np.zeros(self.num_genes, dtype=np.float64)), cols, values.astype(np.float64))
+                counts[key] = counts.get(key, 0) + n
+                read += n
+        return {"gene_max": maxima, "cells": read, "sums": sums, "counts": counts}
 
     def gene_maxima(self, max_cells: int = 4096, budget: int = 500_000) -> tuple[np.ndarray, int]:
-        """Each vocabulary gene's largest normalised value over this split's groups and every control
-        group (the model's space; what `PerturbDiffConfig.gene_max` records), from `_first_rows`.
-
-        Returns:
-            float32 [G] maxima (0 for a gene never seen expressed) and the number of cells read.
-        """
-        out, read = np.zeros(self.num_genes, dtype=np.float32), 0
-        for _, _, indptr, cols, values in self._first_rows(max_cells, budget):
-            np.maximum.at(out, cols, values)
-            read += len(indptr) - 1
-        return out, read
-
-    def response_stats(self, max_cells: int = 4096, budget: int = 500_000) -> dict:
-        """Per (perturbation, context) of this split's groups and every control group: the sum of
-        the cells' normalised expression [G] (the model's space) and their number, from `_first_rows`
-        (`perturbdiff.baselines.train_stats`' format; what `perturbdiff.baselines.Anchor` takes)."""
-        sums, counts = {}, {}
-        for src, gid, indptr, cols, values in self._first_rows(max_cells, budget):
-            key = (str(src.groups["perturbation"].iat[gid]), str(src.groups["context"].iat[gid]))
-            row = sums.setdefault(key, np.zeros(self.num_genes, dtype=np.float64))
-            np.add.at(row, cols, values.astype(np.float64))
-            counts[key] = counts.get(key, 0) + len(indptr) - 1
-        return {"sums": sums, "counts": counts}
+        """`summary`'s ``gene_max`` and ``cells``."""
+        out = self.summary(max_cells, budget)
+        return out["gene_max"], out["cells"]
 
     def batch_rows(self, index: int, epoch: int | None = None) -> list[dict]:
         """The atlas rows of the cells of this rank's batch ``index`` (for inspection and benchmarks).

@@ -125,12 +125,12 @@ class Trainer:
         model.config.set_size = data.set_size
         if self.cfg.train.objective == "conditional":
             model.config.trained_perturbations = self.train_data.dataset.split_perturbations()
+        summary = self.train_data.dataset.summary()  # one read of the split's cells
+        model.config.gene_max = [float(v) for v in summary["gene_max"]]  # sampling keeps each gene in its range
         # the training means travel with every export (prediction's anchor, perturbdiff.baselines.Anchor)
-        self.response_stats = (self.train_data.dataset.response_stats()
+        self.response_stats = ({"sums": summary["sums"], "counts": summary["counts"]}
                                if self.cfg.train.objective == "conditional" else None)
-        maxima, cells = self.train_data.dataset.gene_maxima()
-        model.config.gene_max = [float(v) for v in maxima]  # sampling keeps each gene in its range
-        self._print(f"gene ranges: the largest value of each gene over {cells:,} training and control cells "
+        self._print(f"gene ranges: the largest value of each gene over {summary['cells']:,} training and control cells "
                     "(sampling keeps x_0 estimates below them plus a margin)")
         labels = sorted({a.control_label for a in atlases if a.control_label})
         if len(labels) == 1:
