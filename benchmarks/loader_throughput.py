@@ -89,6 +89,16 @@ def child_build(a):
     return out
 
 
+def child_append(a):
+    from perturbdiff.data.builder import build_atlas
+    from perturbdiff.data.synthetic import BUILD_COLUMNS
+
+    t = time.time()
+    build_atlas(a.inputs, a.output, append=True, progress=False, workers=a.build_workers, **BUILD_COLUMNS)
+    return {"seconds": time.time() - t, "peak_rss_mb": _rss_mb(),
+            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
 def _dataset(a):
     from perturbdiff.data.loader import CellSetDataset
 
@@ -227,7 +237,8 @@ def child_synthetic(a):
 
 
 CHILDREN = {"generate": child_generate, "build": child_build, "loader": child_loader, "reference": child_reference,
-            "pairing": child_pairing, "synthetic": child_synthetic, "s3loader": child_s3loader}
+            "pairing": child_pairing, "synthetic": child_synthetic, "s3loader": child_s3loader,
+            "append": child_append}
 
 
 def run_child(step: str, **kw) -> dict:
@@ -291,6 +302,42 @@ def _scale(a) -> int:
         "loader_peak_rss_mb": {k: out[f"loader_{k}"]["peak_rss_mb"] for k in ("1x", big)},
         "loader_cells_per_s": {k: out[f"loader_{k}"]["cells_per_s"] for k in ("1x", big)},
     }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _grow(a) -> int:
+    """A corpus grown source by source: one ``--cells`` input built, then ``--scale-copies`` - 1 copies
+    (symlinks, each its own dataset) appended one at a time (``build_atlas(append=True)``): seconds and
+    peak RSS of each append against the atlas's size before it (flat = the cost of an append does not
+    grow with the corpus), and the loader's cells/s on the grown atlas."""
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    h5 = work / "input.h5ad"
+    out = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+           "config": {"cells": a.cells, "genes": a.genes, "copies": a.scale_copies}}
+    if not (a.reuse and h5.exists()):
+        _log(f"generating {a.cells:,} x {a.genes:,} h5ad")
+        out["input"] = run_child("generate", output=h5, cells=a.cells, genes=a.genes, run_cells=a.run_cells)
+    atlas = work / "grown.zarr"
+    steps = []
+    for i in range(a.scale_copies):
+        link = work / f"part{i:03d}.h5ad"
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(h5)
+        _log(f"{'building' if i == 0 else 'appending'} part {i} ({i * a.cells:,} cells before)")
+        step = run_child("build" if i == 0 else "append", inputs=[link], output=atlas, build_workers=a.build_workers)
+        steps.append({"cells_before": i * a.cells, **{k: step[k] for k in ("seconds", "peak_rss_mb", "worker_peak_rss_mb")}})
+    sets = a.scale_copies * a.cells // a.set_size
+    batches = max(1, int(a.epoch_fraction * sets / a.batch_size))
+    out["loader"] = run_child("loader", atlas=atlas, batches=batches, set_size=a.set_size, batch_size=a.batch_size)
+    out["steps"] = steps
+    out["summary"] = {"append_seconds": [s["seconds"] for s in steps[1:]],
+                      "append_peak_rss_mb": [s["peak_rss_mb"] for s in steps[1:]],
+                      "first_build_peak_rss_mb": steps[0]["peak_rss_mb"],
+                      "loader_cells_per_s": out["loader"]["cells_per_s"]}
+    shutil.rmtree(atlas, ignore_errors=True)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -398,6 +445,8 @@ def main(argv=None) -> int:
     p.add_argument("--parallel-build", action="store_true",
                    help="only the parallel builder: the --cells input built with 1 and 2 processes (time, RSS, same content)")
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--grow", action="store_true", help="only the grown corpus (see _grow): one input built, then "
+                   "--scale-copies - 1 copies appended one at a time")
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
@@ -408,6 +457,8 @@ def main(argv=None) -> int:
         return _parallel_build(a)
     if a.scale:
         return _scale(a)
+    if a.grow:
+        return _grow(a)
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)

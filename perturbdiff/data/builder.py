@@ -373,6 +373,7 @@ def build_atlas(
     codec: str = "zstd",
     seed: int = 0,
     overwrite: bool = False,
+    append: bool = False,
     progress: bool = True,
 ) -> Path:
     """Build a grouped Zarr atlas from ``.h5ad`` files, folders of them, AnnData objects or parquet.
@@ -408,11 +409,21 @@ def build_atlas(
         codec: Blosc compressor of X: "zstd" (compact) or "lz4" (decodes faster, ~1.8x larger).
         seed: seed of the within-group shuffle.
         overwrite: replace an existing atlas at ``output``.
+        append: add the inputs to the existing local atlas at ``output`` as new datasets, without
+            rewriting its X (see `perturbdiff.data.append`); ``n_top_genes`` is then the atlas's.
         progress: show a progress bar.
 
     Returns:
         The path of the complete atlas.
     """
+    if append:
+        options = {k: v for k, v in locals().items()
+                   if k not in ("inputs", "output", "append", "overwrite", "progress", "n_top_genes")}
+        if overwrite:
+            raise ValueError("append=True (--append) adds to the atlas at the output; it cannot also overwrite it")
+        from .append import append_to_atlas
+
+        return append_to_atlas(output, inputs, progress=progress, **options)
     from tqdm.auto import tqdm
 
     output = as_location(output)

@@ -2,6 +2,7 @@
 
     perturbdiff atlas build screen.h5ad -o screen.zarr --perturbation-key condition \\
         --control-label ctrl --context-key cell_type --batch-key donor
+    perturbdiff atlas build screen2.h5ad -o screen.zarr --append --control-label ctrl   # grow it
     perturbdiff atlas info screen.zarr
     perturbdiff atlas validate screen.zarr
     perturbdiff atlas genes a.zarr b.zarr -o genes.txt
@@ -61,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="compressor of X: zstd (compact, default) or lz4 (faster to decode, ~1.8x larger)")
     g.add_argument("--seed", type=int, default=0, help="seed of the within-group shuffle")
     b.add_argument("--overwrite", action="store_true", help="replace an existing atlas")
+    b.add_argument("--append", action="store_true",
+                   help="add the inputs to the existing local atlas at -o as new datasets, without rewriting its X "
+                        "(atomic: the atlas is swapped only once complete); genes must be the atlas's")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
 
@@ -126,6 +130,7 @@ def _build(args) -> int:
         codec=args.codec,
         seed=args.seed,
         overwrite=args.overwrite,
+        append=args.append,
         progress=not args.quiet,
     )
     print(_summary(path))

@@ -94,21 +94,23 @@ def _codecs(codec: str = "zstd"):
 
 
 class _Appender:
-    """Appends to a 1-D zarr array in whole shards, so each shard file is written exactly once."""
+    """Appends to a 1-D zarr array in whole shards, so each shard file is written exactly once (after
+    ``written`` values already there, the first write completes their last, partial shard)."""
 
-    def __init__(self, array, shard_elems: int):
+    def __init__(self, array, shard_elems: int, written: int = 0):
         self.array = array
         self.shard_elems = shard_elems
         self.parts: list[np.ndarray] = []
         self.buffered = 0
-        self.written = 0
+        self.written = int(written)
 
     def append(self, values: np.ndarray) -> None:
         if len(values):
             self.parts.append(np.asarray(values, dtype=self.array.dtype))
             self.buffered += len(values)
-        if self.buffered >= self.shard_elems:
-            self._write(self.buffered // self.shard_elems * self.shard_elems)
+        whole = (self.written + self.buffered) // self.shard_elems * self.shard_elems - self.written
+        if whole > 0:
+            self._write(whole)
 
     def close(self) -> None:
         if self.buffered:
@@ -281,14 +283,7 @@ class AtlasWriter:
         if self.remote:
             self._closed = True
             return self.path
-        # Swap into place; an existing atlas is removed only after the new one is complete.
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(self.tmp, self.path)
         self._closed = True
         return self.path
 
@@ -308,6 +303,18 @@ class AtlasWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+def swap_into_place(complete: Path, path: Path) -> None:
+    """Move the complete store ``complete`` to ``path``; an existing atlas there is removed only once
+    the new one is in place (a crash between the two renames leaves it beside ``path`` as ``.NAME.old-*``)."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(complete, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 _MAX_UINT64 = 2**64 - 1
