@@ -23,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["BASELINES", "TRAIN_BASELINES", "FEATURE_BASELINES", "train_stats", "additive_effect", "Anchor", "baseline_cells",
-           "STATS_FILE", "save_stats", "load_stats"]
+           "STATS_FILE", "save_stats", "load_stats", "population_offsets"]
 
 BASELINES = ("control_mean", "perturbation_mean", "additive_shift", "context_mean", "anchor", "additive_combination",
              "nearest_neighbour")
@@ -36,7 +36,8 @@ STATS_FILE = "response_stats.safetensors"
 
 
 def save_stats(folder, stats: dict) -> None:
-    """Write `train_stats`' sums and counts to ``folder/STATS_FILE`` (safetensors; the pairs in its metadata)."""
+    """Write `train_stats`' sums and counts to ``folder/STATS_FILE`` (safetensors; the pairs in its
+    metadata), with `population_offsets`' result when ``stats["populations"]`` holds one."""
     import json
     from pathlib import Path
 
@@ -44,14 +45,22 @@ def save_stats(folder, stats: dict) -> None:
 
     keys = sorted(stats["sums"])
     G = len(next(iter(stats["sums"].values()))) if keys else 0
-    save_file({"means": np.stack([stats["sums"][k] / max(stats["counts"][k], 1) for k in keys]).astype(np.float32)
+    tensors = {"means": np.stack([stats["sums"][k] / max(stats["counts"][k], 1) for k in keys]).astype(np.float32)
                if keys else np.zeros((0, G), np.float32),
-               "counts": np.asarray([stats["counts"][k] for k in keys], dtype=np.int64)},
-              str(Path(folder) / STATS_FILE), metadata={"pairs": json.dumps([list(k) for k in keys])})
+               "counts": np.asarray([stats["counts"][k] for k in keys], dtype=np.int64)}
+    metadata = {"pairs": json.dumps([list(k) for k in keys])}
+    pops = stats.get("populations")
+    if pops is not None:
+        tensors["population_offsets"] = np.ascontiguousarray(pops["offsets"], dtype=np.float32)
+        tensors["population_between"] = np.ascontiguousarray(pops["between"], dtype=np.float32)
+        metadata["population_perturbations"] = json.dumps(list(pops["perturbations"]))
+        metadata["population_hidden"] = json.dumps(list(pops["hidden"]))
+    save_file(tensors, str(Path(folder) / STATS_FILE), metadata=metadata)
 
 
 def load_stats(folder) -> dict | None:
-    """`save_stats`' file as `train_stats`' format, or None when the folder has none."""
+    """`save_stats`' file as `train_stats`' format (plus ``populations`` when saved), or None when
+    the folder has none."""
     import json
     from pathlib import Path
 
@@ -61,12 +70,86 @@ def load_stats(folder) -> dict | None:
     if not path.is_file():
         return None
     with safe_open(str(path), framework="numpy") as f:
-        pairs = [tuple(k) for k in json.loads(f.metadata()["pairs"])]
+        meta = f.metadata()
+        pairs = [tuple(k) for k in json.loads(meta["pairs"])]
         means, counts = f.get_tensor("means").astype(np.float64), f.get_tensor("counts")
+        pops = None
+        if "population_offsets" in f.keys():
+            pops = {"offsets": f.get_tensor("population_offsets"), "between": f.get_tensor("population_between"),
+                    "perturbations": json.loads(meta["population_perturbations"]),
+                    "hidden": json.loads(meta.get("population_hidden", "[]"))}
     if len(pairs) != len(means) or len(pairs) != len(counts) or not np.isfinite(means).all():
         raise ValueError(f"{path}: damaged ({len(pairs)} pairs, {len(means)} mean rows, {len(counts)} counts)")
-    return {"sums": {k: means[i] * counts[i] for i, k in enumerate(pairs)},
-            "counts": {k: int(counts[i]) for i, k in enumerate(pairs)}}
+    out = {"sums": {k: means[i] * counts[i] for i, k in enumerate(pairs)},
+           "counts": {k: int(counts[i]) for i, k in enumerate(pairs)}}
+    if pops is not None:
+        if (len(pops["offsets"]) != len(pops["perturbations"]) or not np.isfinite(pops["offsets"]).all()
+                or pops["offsets"].shape[1:] != means.shape[1:]):
+            raise ValueError(f"{path}: damaged population offsets ({pops['offsets'].shape} for "
+                             f"{len(pops['perturbations'])} perturbations)")
+        out["populations"] = pops
+    return out
+
+
+def population_offsets(replicates: dict, hidden, control_label: str, max_offsets: int = 512, seed: int = 0) -> dict | None:
+    """What the hidden factors do to a response, measured on the training replicates: draws for
+    the K populations of a prediction (`perturbdiff.pipeline.PerturbDiffPipeline.predict`).
+
+    A replicate is a (perturbation, context, batch) group; its response r is its mean minus the mean
+    of the controls of its (context, batch); replicates that differ only in the ``hidden``
+    covariates are one condition. Each replicate's deviation d from its condition's mean response
+    is an observed draw of the hidden effect plus sampling noise (known from the groups' variances
+    and sizes). Per gene, the between-replicate variance tau^2 = max(0, sum(d^2 - noise)) / sum(1 - 1/R)
+    (R: the condition's replicates); the offsets are the deviations rescaled per gene so that their
+    mean square is tau^2, so drawing one per population gives populations that differ as much as
+    real replicates do, and not at all when they do not (tau^2 = 0).
+
+    Args:
+        replicates: per (perturbation, context, batch): (sum [G], sum of squares [G], cells)
+            (`perturbdiff.data.CellSetDataset.summary` with ``replicates=True``).
+        hidden: the hidden covariates ("context", "batch").
+        control_label: the controls' perturbation label.
+        max_offsets: at most this many offsets are kept (a random subset).
+
+    Returns:
+        None without any condition of two or more replicates; else ``offsets`` [N, G] float32,
+        ``perturbations`` (each offset's perturbation), ``between`` (tau^2 [G]), ``hidden``.
+    """
+    stats = {}
+    for k, (total, sq, n) in replicates.items():
+        if n >= 2:
+            mean = np.asarray(total, np.float64) / n
+            stats[k] = (mean, np.maximum(np.asarray(sq, np.float64) / n - mean**2, 0) * n / (n - 1) / n)  # mean, its variance
+    conditions: dict = {}
+    for (q, c, b), (mean, var) in stats.items():
+        ctrl = stats.get((control_label, c, b))
+        if q == control_label or ctrl is None:
+            continue
+        visible = (q, "*" if "context" in hidden else c, "*" if "batch" in hidden else b)
+        conditions.setdefault(visible, []).append((mean - ctrl[0], var + ctrl[1]))
+    devs, noise, weight, names = [], [], [], []
+    for (q, _, _), reps in sorted(conditions.items()):
+        R = len(reps)
+        if R < 2:
+            continue
+        r = np.stack([x for x, _ in reps])
+        v = np.stack([x for _, x in reps])
+        devs.append(r - r.mean(0))
+        noise.append(v * (1 - 2 / R) + v.sum(0) / R**2)  # the sampling variance of each deviation
+        weight += [1 - 1 / R] * R
+        names += [q] * R
+    if not devs:
+        return None
+    d, nv = np.concatenate(devs), np.concatenate(noise)
+    between = np.maximum((d**2 - nv).sum(0), 0) / np.sum(weight)
+    observed = (d**2).mean(0)
+    scale = np.sqrt(np.divide(between, observed, out=np.zeros_like(between), where=observed > 0))
+    offsets = d * scale
+    if len(offsets) > max_offsets:
+        keep = np.sort(np.random.default_rng(seed).choice(len(offsets), max_offsets, replace=False))
+        offsets, names = offsets[keep], [names[i] for i in keep]
+    return {"offsets": offsets.astype(np.float32), "perturbations": [str(x) for x in names],
+            "between": between.astype(np.float32), "hidden": list(hidden)}
 
 
 def train_stats(X, pert: np.ndarray, ctx: np.ndarray) -> dict:

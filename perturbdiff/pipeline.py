@@ -83,6 +83,8 @@ class PerturbDiffPipeline:
         # the training means (model space) behind the anchor; None: predictions are the network's alone
         self.anchor = (Anchor(response_stats, self.config.control_label or "control")
                        if response_stats is not None else None)
+        # the training replicates' measured deviations (hidden covariates): what K populations draw
+        self.populations = response_stats.get("populations") if response_stats is not None else None
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device="auto") -> "PerturbDiffPipeline":
@@ -152,7 +154,13 @@ class PerturbDiffPipeline:
                 as control cells for the condition); a ``num_cells`` column of the table sets it per row.
             set_size: cells per set m (the last set is padded by resampling, then trimmed); default:
                 the set size the model was trained with (``config.set_size``), else 256.
-            num_populations: K independent populations per condition (``obs["population"]``).
+            num_populations: K populations per condition (``obs["population"]``). For a model trained
+                with hidden covariates whose folder has the replicates' measured deviations
+                (`perturbdiff.baselines.population_offsets`), population k is the sampler's k-th draw
+                moved by one draw of them (the perturbation's own when it has two or more, else any;
+                centred over the K), so the K populations differ about as much as the training
+                replicates did; otherwise they are the sampler's K independent draws alone (whose
+                spread was measured uncalibrated: docs/benchmarks.md).
             num_steps, guidance_scale, eta: DDIM sampling settings.
             seed: sampling seed; each condition's draws depend only on the seed and the
                 condition, not on the other rows of the table.
@@ -231,6 +239,9 @@ class PerturbDiffPipeline:
                 if effect is not None:
                     values = anchor_cells(values, pool["X"][used], effect, float(anchor_weight))
                     anchored = True
+            offsets_from = ""
+            if K > 1 and self.populations is not None:
+                values, offsets_from = self._draw_populations(values, cond.perturbation, rngs[0])
             values = values.reshape(K * n_cells, G) * norm.scale  # back to log1p(counts / total * target_sum)
             if ceiling is not None:  # no cell can exceed "all its counts in one gene"
                 num_clipped += int((values > ceiling).sum())
@@ -254,7 +265,7 @@ class PerturbDiffPipeline:
                               dose=cond.dose, num_control_cells=len(members[i]), control_source=sources[i],
                               num_cells=n_cells, set_size=m, num_sets=math.ceil(n_cells / m),
                               population_spread=spread_sd[-1][1], population_noise=spread_sd[-1][2],
-                              anchored=anchored))
+                              anchored=anchored, population_offsets=offsets_from))
 
         bar.close()
         obs = pd.concat(obs_blocks)
@@ -289,6 +300,13 @@ class PerturbDiffPipeline:
                        "anchor's (perturbdiff.baselines.Anchor, pipeline.anchor_cells; conditions table: anchored)" if anchor is not None else
                        "none: the network's response" + ("" if self.anchor is not None or not float(anchor_weight)
                                                           else f" (the model folder has no {STATS_FILE})")),
+            "populations": ("one population" if K == 1 else
+                            "the sampler's draws, each population moved by one draw of the training replicates' "
+                            "deviations over hidden " + "+".join(self.populations["hidden"]) + " (between-replicate "
+                            "variance, sampling noise removed; perturbdiff.baselines.population_offsets; conditions "
+                            "table: population_offsets)" if self.populations is not None else
+                            "the sampler's independent draws (no replicate deviations in the model folder: a model "
+                            "trained without hidden covariates)"),
             # perturbations without training cells (held out, or outside the vocabulary)
             "unseen_perturbations": sorted({str(p) for p in conds["perturbation"]}
                                            - set(cfg.trained_perturbations if cfg.trained_perturbations is not None
@@ -303,6 +321,27 @@ class PerturbDiffPipeline:
         if decode:
             layers["counts"] = np.concatenate(count_blocks)
         return ad.AnnData(X=X, obs=obs, var=var, uns=uns, layers=layers, varm=varm)
+
+    def _draw_populations(self, values: np.ndarray, perturbation, rng) -> tuple[np.ndarray, str]:
+        """The K populations' differences made the training replicates': each population's departure
+        from the mean of the K is shrunk, per gene, to what the sampling noise of its n cells explains
+        (the sampler's own population spread, measured uncalibrated, goes; a sample's noise stays),
+        then moved by one draw of the replicates' deviations (the perturbation's own when it has two
+        or more, else all; centred over the K, so the condition's mean stays). Clipped at 0."""
+        pops = self.populations
+        names = np.asarray(pops["perturbations"], dtype=object)
+        own = np.flatnonzero(names == str(perturbation))
+        pick = own if len(own) >= 2 else np.arange(len(names))
+        drawn = pops["offsets"][rng.choice(pick, size=len(values), replace=True)].astype(np.float64)  # [K, G]
+        means = values.mean(1, dtype=np.float64)  # [K, G]
+        departure = means - means.mean(0)
+        observed = departure.var(0, ddof=1)
+        noise = values.var(1, ddof=1, dtype=np.float64).mean(0) / values.shape[1] if values.shape[1] > 1 else observed
+        keep = np.sqrt(np.clip(np.divide(noise, observed, out=np.ones_like(observed), where=observed > 0), 0, 1))
+        move = drawn - drawn.mean(0) - departure * (1 - keep)
+        out = values + move[:, None, :].astype(np.float32)
+        source = f"{perturbation} ({len(own)})" if len(own) >= 2 else f"all ({len(names)})"
+        return np.maximum(out, 0, out=out), source
 
     def _sample_condition(self, pool_X, cells, rngs, *, n_cells, set_size, num_populations, batch_sets, ids,
                           features, num_steps, eta, guidance_scale, bar=None) -> tuple[np.ndarray, np.ndarray]:

@@ -133,6 +133,11 @@ def test_population_calibration_smoke_run_on_synthetic_replicates(tmp_path):
         assert all(math.isfinite(c["pred_between"]) for c in part["conditions"]) and math.isfinite(part["ratio"])
     saved = json.loads((tmp_path / "populations_synthetic.json").read_text())
     assert saved["response_spread=0.5"]["ratio"] == on["ratio"]
+    # the trained model carries the replicates' deviations its K populations draw (2 cell types x 3 perturbations x 6 batches)
+    from perturbdiff.baselines import load_stats
+
+    pops = load_stats(tmp_path / "synthetic" / "spread0.5" / "seed0" / "model_run" / "model")["populations"]
+    assert pops["offsets"].shape[0] == 36 and pops["hidden"] == ["batch"]
 
 
 def test_atlas_reads_smoke_run_reads_the_same_values_with_every_reader(tmp_path, capsys):

@@ -433,7 +433,7 @@ class CellSetDataset(IterableDataset):
                  for g in np.unique(base[:, 0])}
         return sorted(names)
 
-    def summary(self, max_cells: int = 4096, budget: int = 500_000) -> dict:
+    def summary(self, max_cells: int = 4096, budget: int = 500_000, replicates: bool = False) -> dict:
         """What prediction needs to know of this split's cells, from one read of this split's groups
         and every control group: each group's first rows (the builder shuffles cells within groups:
         a random subset), up to ``max_cells``, and fewer in proportion to its size when the groups
@@ -444,13 +444,16 @@ class CellSetDataset(IterableDataset):
             space; 0 for a gene never seen expressed; what `PerturbDiffConfig.gene_max` records);
             ``cells``: the number of cells read; ``sums`` / ``counts``: per (perturbation, context)
             the sum of the cells' normalised expression [G] and their number
-            (`perturbdiff.baselines.train_stats`' format; what `perturbdiff.baselines.Anchor` takes).
+            (`perturbdiff.baselines.train_stats`' format; what `perturbdiff.baselines.Anchor` takes);
+            with ``replicates``, also ``replicates``: per (perturbation, context, batch) the sum [G],
+            the sum of squares [G] and the number of cells (what `perturbdiff.baselines.population_offsets`
+            takes; 16 bytes per gene and group).
         """
         chosen = [(src, sorted(set(np.unique(base[:, 0]).tolist()) | set(np.flatnonzero(src.is_control & (src.size > 0)).tolist())))
                   for src, base in zip(self.sources, self._base)]
         total = sum(int(src.size[g].sum()) for src, g in chosen if g)
         share = min(1.0, budget / max(total, 1))
-        maxima, read, sums, counts = np.zeros(self.num_genes, dtype=np.float32), 0, {}, {}
+        maxima, read, sums, counts, reps = np.zeros(self.num_genes, dtype=np.float32), 0, {}, {}, {}
         for src, gids in chosen:
             for gid in gids:
                 n = int(min(src.size[gid], max_cells, max(1, np.ceil(src.size[gid] * share))))
@@ -461,7 +464,17 @@ class CellSetDataset(IterableDataset):
                 np.add.at(sums.setdefault(key, np.zeros(self.num_genes, dtype=np.float64)), cols, values.astype(np.float64))
                 counts[key] = counts.get(key, 0) + n
                 read += n
-        return {"gene_max": maxima, "cells": read, "sums": sums, "counts": counts}
+                if replicates:
+                    rk = (*key, str(src.groups["batch"].iat[gid]))
+                    acc = reps.setdefault(rk, [np.zeros(self.num_genes), np.zeros(self.num_genes), 0])
+                    v = values.astype(np.float64)
+                    np.add.at(acc[0], cols, v)
+                    np.add.at(acc[1], cols, v * v)
+                    acc[2] += n
+        out = {"gene_max": maxima, "cells": read, "sums": sums, "counts": counts}
+        if replicates:
+            out["replicates"] = {k: tuple(v) for k, v in reps.items()}
+        return out
 
     def gene_maxima(self, max_cells: int = 4096, budget: int = 500_000) -> tuple[np.ndarray, int]:
         """`summary`'s ``gene_max`` and ``cells``."""

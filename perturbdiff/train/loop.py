@@ -125,16 +125,29 @@ class Trainer:
         model.config.set_size = data.set_size
         if self.cfg.train.objective == "conditional":
             model.config.trained_perturbations = self.train_data.dataset.split_perturbations()
-        summary = self.train_data.dataset.summary()  # one read of the split's cells
-        model.config.gene_max = [float(v) for v in summary["gene_max"]]  # sampling keeps each gene in its range
-        # the training means travel with every export (prediction's anchor, perturbdiff.baselines.Anchor)
-        self.response_stats = ({"sums": summary["sums"], "counts": summary["counts"]}
-                               if self.cfg.train.objective == "conditional" else None)
-        self._print(f"gene ranges: the largest value of each gene over {summary['cells']:,} training and control cells "
-                    "(sampling keeps x_0 estimates below them plus a margin)")
         labels = sorted({a.control_label for a in atlases if a.control_label})
         if len(labels) == 1:
             model.config.control_label = labels[0]
+        conditional = self.cfg.train.objective == "conditional"
+        hidden = check_hidden_covariates(self.cfg.data.hidden_covariates)
+        summary = self.train_data.dataset.summary(replicates=conditional and bool(hidden))  # one read of the split's cells
+        model.config.gene_max = [float(v) for v in summary["gene_max"]]  # sampling keeps each gene in its range
+        # the training means travel with every export (prediction's anchor, perturbdiff.baselines.Anchor),
+        # and with hidden covariates the measured spread of the replicates' responses (K populations)
+        self.response_stats = None
+        if conditional:
+            self.response_stats = {"sums": summary["sums"], "counts": summary["counts"]}
+            if hidden:
+                from ..baselines import population_offsets
+
+                pops = population_offsets(summary["replicates"], hidden, model.config.control_label or "control")
+                if pops is not None:
+                    self.response_stats["populations"] = pops
+                    self._print(f"populations: {len(pops['offsets'])} replicate deviations of the responses over "
+                                f"hidden {'+'.join(hidden)}; between-replicate variance {float(pops['between'].mean()):.4g} "
+                                "per gene (sampling noise removed)")
+        self._print(f"gene ranges: the largest value of each gene over {summary['cells']:,} training and control cells "
+                    "(sampling keeps x_0 estimates below them plus a margin)")
         self.model_config = model.config
         self.model_card = model_card or {}
         self.last_logs: dict = {}
