@@ -260,6 +260,14 @@ def run_child(step: str, **kw) -> dict:
 # -- driver ------------------------------------------------------------------------------------------
 
 
+def _copy(link: Path, target: Path) -> Path:
+    """``link`` as a symlink to ``target`` (another input file with the same cells)."""
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(target)
+    return link
+
+
 def _scale(a) -> int:
     """The scale check: atlases of 1x and ``--scale-copies``x ``--cells`` cells (the copies are symlinks
     of one generated input, each its own dataset), builder time and peak RSS for each, the loader's
@@ -278,11 +286,7 @@ def _scale(a) -> int:
     for name, copies in (("1x", 1), (f"{a.scale_copies}x", a.scale_copies)):
         inputs = []
         for i in range(copies):
-            link = work / f"part{i:03d}.h5ad"
-            if link.exists() or link.is_symlink():
-                link.unlink()
-            link.symlink_to(h5)
-            inputs.append(link)
+            inputs.append(_copy(work / f"part{i:03d}.h5ad", h5))
         atlas = work / f"scale_{name}.zarr"
         _log(f"building {atlas.name} ({copies * a.cells:,} cells)")
         out[f"build_{name}"] = run_child("build", inputs=inputs, output=atlas)
@@ -322,10 +326,7 @@ def _grow(a) -> int:
     atlas = work / "grown.zarr"
     steps = []
     for i in range(a.scale_copies):
-        link = work / f"part{i:03d}.h5ad"
-        if link.exists() or link.is_symlink():
-            link.unlink()
-        link.symlink_to(h5)
+        link = _copy(work / f"part{i:03d}.h5ad", h5)
         _log(f"{'building' if i == 0 else 'appending'} part {i} ({i * a.cells:,} cells before)")
         step = run_child("build" if i == 0 else "append", inputs=[link], output=atlas, build_workers=a.build_workers)
         steps.append({"cells_before": i * a.cells, **{k: step[k] for k in ("seconds", "peak_rss_mb", "worker_peak_rss_mb")}})
@@ -489,11 +490,7 @@ def main(argv=None) -> int:
         out["build_1m"]["input_x_bytes"] = gen["x_in_memory_bytes"]
         copies = []
         for i in range(a.big_copies):
-            link = work / f"copy{i}.h5ad"
-            if link.exists() or link.is_symlink():
-                link.unlink()
-            link.symlink_to(h5)
-            copies.append(link)
+            copies.append(_copy(work / f"copy{i}.h5ad", h5))
         _log(f"building {atlas4.name} from {a.big_copies} inputs")
         out["build_4m"] = run_child("build", inputs=copies, output=atlas4)
         out["build_4m"]["input_x_bytes"] = gen["x_in_memory_bytes"] * a.big_copies
