@@ -117,10 +117,27 @@ def test_append_refusals_leave_the_atlas_as_it_was(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(append, "_new_names", fail)
+    # and zarr writing into existing files in place (as zarr < 3.1.3 did), not via a new file
+    import zarr.storage._local as local
+
+    def in_place(path, value, exclusive=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb" if exclusive else "wb") as f:
+            return f.write(value.as_buffer_like())
+
+    monkeypatch.setattr(local, "_put", in_place)
     with pytest.raises(RuntimeError, match="disk full"):
         build_atlas(b, path, dataset_name="b", **kw)
     assert _files(path) == before and Atlas(path).num_cells == a.n_obs
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".corpus.zarr")]
+
+    import fcntl
+
+    with open(tmp_path / ".corpus.zarr.lock", "a") as held:  # another append is running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another append"):
+            build_atlas(b, path, dataset_name="c", **kw)
+    assert _files(path) == before
 
 
 def test_cli_append(tmp_path, capsys):

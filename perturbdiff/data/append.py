@@ -4,19 +4,23 @@
 corpus.zarr --append``) builds the new inputs on their own (a hidden scratch atlas beside the corpus,
 with the same builder, so every check and option of a build applies), then adds them to the corpus:
 
-- **Nothing per cell is rewritten**: the new cells' rows go after the old ones in X and in every obs
-  column (and the cell names); of each array only the last, partial chunk or shard is rewritten. The
-  small tables (var, the group index, a categorical's categories) are rewritten. So an append costs
-  what building the new source costs, whatever the size of the atlas (`loader_throughput.py --grow`).
-- **Atomic**: the work happens in a hidden sibling folder whose files are hard links to the corpus's
-  (no copy of the data; zarr replaces a file it writes, never changes one in place, so the linked
-  files of the corpus are never modified, which a test checks). It is swapped into place only when
-  complete, as a build is; an interrupted or failed append leaves the corpus as it was.
+- **X is not rewritten**: the new cells' rows go after the old ones in X, in every obs column and in
+  the cell names; of X only each array's last, partial shard is written again (its other shards are
+  hard links). The obs columns (a few bytes per cell), var and the group index are copied and
+  extended. So an append needs the memory of building the new source, whatever the size of the atlas
+  (`loader_throughput.py --grow`); its time grows with the atlas by a copy of the obs columns and one
+  pass over the old cell names (checked against the new ones).
+- **Atomic**: the work happens in a hidden sibling folder in which the X shard files the append
+  never writes (all but the last of each array: nearly all the bytes) are hard links to the atlas's,
+  and every other file is a copy; it is swapped into place only when complete, as a build is. An
+  interrupted, refused or failed append leaves the atlas as it was (a test checks its files byte for
+  byte), and an exclusive lock (``.NAME.lock``) refuses a second append of the same atlas meanwhile.
 - **New datasets only**: the appended cells must belong to datasets the corpus does not have yet
   (each file's stem by default, or ``--dataset-name`` / ``--dataset-key``), so every group stays one
   contiguous row range; the genes must be the corpus's (any order); the new inputs' control label is
-  renamed to the corpus's. Cell names that are already in the corpus are qualified with their
-  dataset (``pbmc2:AAAC-1``), as the builder does across inputs.
+  renamed to the corpus's. If any appended cell name is already in the corpus, every appended name
+  is qualified with its dataset (``pbmc2:AAAC-1``; a build qualifies names that repeat across its
+  inputs with the input's name).
 - The per-gene statistics and the highly variable genes are recomputed over all cells from the two
   atlases' stored means and variances (float32: the combined figures agree with a build of all inputs
   to ~1e-6 relative; the HVG flags can differ only for genes tied at the cut).
@@ -62,6 +66,7 @@ def append_to_atlas(target, inputs, *, progress: bool = True, **build_kwargs) ->
     build_kwargs["n_top_genes"] = int(old.metadata.get("build", {}).get("n_top_genes", 2000))
     scratch = scratch_path(path, f"append-{run_id}.zarr")
     partial = path.parent / f".{path.name}.partial-{run_id}"
+    lock = _lock(path)  # one append at a time: a second one would swap in an atlas without the first's cells
     try:
         build_atlas(inputs, scratch, progress=progress, overwrite=True, **build_kwargs)
         new = Atlas(scratch)
@@ -76,15 +81,31 @@ def append_to_atlas(target, inputs, *, progress: bool = True, **build_kwargs) ->
         if (now.num_cells, now.metadata.get("created"), now.metadata.get("appended")) != (
             old.num_cells, old.metadata.get("created"), old.metadata.get("appended")
         ):
-            raise RuntimeError(f"{path} changed while this append ran (another build or append); nothing was written, "
-                               "run the append again")
+            raise ValueError(f"{path} changed while this append ran (a build with --overwrite); nothing was written, "
+                             "run the append again")
         from .store import swap_into_place
 
         swap_into_place(partial, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
     return path
+
+
+def _lock(path: Path):
+    """An exclusive lock on ``.NAME.lock`` beside the atlas (released when the returned file closes);
+    another append of the same atlas is refused while it is held."""
+    import fcntl
+
+    handle = open(path.parent / f".{path.name}.lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(f"another append to {path} is running (it holds .{path.name}.lock); run this one after it") from None
+    return handle
 
 
 def _dataset_clash(path, names) -> str:
@@ -106,15 +127,31 @@ def _gene_map(old, new) -> np.ndarray | None:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """``dst`` as a tree of hard links to ``src``'s files (a copy where links are not supported)."""
+    """``dst`` as a copy of ``src`` in which the shard files of X that an append never writes (all
+    but the last of each array: nearly all the bytes) are hard links; every other file (metadata,
+    obs, var, the group index, each array's last shard) is copied, so that no write of the append,
+    whatever the zarr version does on a write, can reach a file of ``src``."""
+    import os
+
+    shared = set()
+    for name in ("data", "indices", "indptr"):
+        folder = src / "X" / name / "c"
+        shards = sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if folder.is_dir() else []
+        shared.update(shards[:-1])
     for folder, _dirs, files in os.walk(src):
         rel = Path(folder).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for f in files:
-            try:
-                os.link(Path(folder) / f, dst / rel / f)
-            except OSError:
-                shutil.copy2(Path(folder) / f, dst / rel / f)
+            source = Path(folder) / f
+            if source in shared:
+                try:
+                    os.link(source, dst / rel / f)
+                    continue
+                except OSError as err:
+                    raise OSError(f"cannot hard-link {source} into {dst} ({err}): appending needs a file system with "
+                                  "hard links (else it would copy the whole atlas); build the new source as its own "
+                                  "atlas and train on both (--atlas A B)") from err
+            shutil.copy2(source, dst / rel / f)
 
 
 def _merge(old, new, partial: Path, gene_map, n_top_genes: int, *, progress: bool) -> None:
@@ -166,7 +203,8 @@ def _merge(old, new, partial: Path, gene_map, n_top_genes: int, *, progress: boo
                 if col == "perturbation" and new.control_label != control:
                     values = values.rename_categories({new.control_label: control})
                 cats = list(node["categories"][:])
-                added = [c for c in values.categories if c not in set(cats)]
+                seen = set(cats)
+                added = [c for c in values.categories if c not in seen]
                 cats += added
                 codes = pd.Index(cats).get_indexer(values.categories)[values.codes]
                 if len(cats) - 1 > np.iinfo(node["codes"].dtype).max:  # the codes need a wider type: rewrite them
