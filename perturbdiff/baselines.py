@@ -91,44 +91,55 @@ def load_stats(folder) -> dict | None:
     return out
 
 
-def population_offsets(replicates: dict, hidden, control_label: str, max_offsets: int = 512, seed: int = 0) -> dict | None:
+# A group of fewer cells is not used as a replicate: its sampling noise would be guessed, not known.
+MIN_REPLICATE_CELLS = 20
+
+
+def population_offsets(replicates: dict, hidden, max_offsets: int = 512, seed: int = 0) -> dict | None:
     """What the hidden factors do to a response, measured on the training replicates: draws for
     the K populations of a prediction (`perturbdiff.pipeline.PerturbDiffPipeline.predict`).
 
-    A replicate is a (perturbation, context, batch) group; its response r is its mean minus the mean
-    of the controls of its (context, batch); replicates that differ only in the ``hidden``
-    covariates are one condition. Each replicate's deviation d from its condition's mean response
-    is an observed draw of the hidden effect plus sampling noise (known from the groups' variances
-    and sizes). Per gene, the between-replicate variance tau^2 = max(0, sum(d^2 - noise)) / sum(1 - 1/R)
-    (R: the condition's replicates); the offsets are the deviations rescaled per gene so that their
-    mean square is tau^2, so drawing one per population gives populations that differ as much as
-    real replicates do, and not at all when they do not (tau^2 = 0).
+    A replicate is one perturbed group; its response r is its mean minus the mean of the controls of
+    its (dataset, context, batch); replicates that differ only in the ``hidden`` covariates are one
+    condition. Each replicate's deviation d from its condition's mean response is an observed draw
+    of the hidden effect plus sampling noise (known from the groups' variances and sizes). Per gene,
+    the between-replicate variance tau^2 = max(0, sum(d^2 - noise)) / sum(1 - 1/R) (R: the
+    condition's replicates), kept only where sum(d^2) / sum(noise) passes what sampling noise alone
+    reaches (1 + 3 sqrt(2 / df), df = sum(R - 1); about 0.2 % of genes by chance), else 0, so that noise alone gives (nearly) no
+    spread; the offsets are the deviations rescaled per gene so that their mean square is tau^2.
 
     Args:
-        replicates: per (perturbation, context, batch): (sum [G], sum of squares [G], cells)
-            (`perturbdiff.data.CellSetDataset.summary` with ``replicates=True``).
+        replicates: per group, keyed (dataset, perturbation, context, dose, batch, is_control):
+            (sum [G], sum of squares [G], cells) (`perturbdiff.data.CellSetDataset.summary` with
+            ``replicates=True``).
         hidden: the hidden covariates ("context", "batch").
-        control_label: the controls' perturbation label.
         max_offsets: at most this many offsets are kept (a random subset).
+
+    Groups of fewer than `MIN_REPLICATE_CELLS` cells are left out.
 
     Returns:
         None without any condition of two or more replicates; else ``offsets`` [N, G] float32,
         ``perturbations`` (each offset's perturbation), ``between`` (tau^2 [G]), ``hidden``.
     """
-    stats = {}
-    for k, (total, sq, n) in replicates.items():
-        if n >= 2:
-            mean = np.asarray(total, np.float64) / n
-            stats[k] = (mean, np.maximum(np.asarray(sq, np.float64) / n - mean**2, 0) * n / (n - 1) / n)  # mean, its variance
-    conditions: dict = {}
-    for (q, c, b), (mean, var) in stats.items():
-        ctrl = stats.get((control_label, c, b))
-        if q == control_label or ctrl is None:
+    stats, controls = {}, {}
+    for (ds, q, c, dose, b, is_control), (total, sq, n) in replicates.items():
+        if n < MIN_REPLICATE_CELLS:  # too few cells to know a group's sampling noise
             continue
-        visible = (q, "*" if "context" in hidden else c, "*" if "batch" in hidden else b)
+        mean = np.asarray(total, np.float64) / n
+        entry = (mean, np.maximum(np.asarray(sq, np.float64) / n - mean**2, 0) * n / (n - 1) / n)  # mean, its variance
+        if is_control:
+            controls[(ds, c, b)] = entry
+        else:
+            stats[(ds, q, c, dose, b)] = entry
+    conditions: dict = {}
+    for (ds, q, c, dose, b), (mean, var) in stats.items():
+        ctrl = controls.get((ds, c, b))
+        if ctrl is None:
+            continue
+        visible = (ds, q, "*" if "context" in hidden else c, dose, "*" if "batch" in hidden else b)
         conditions.setdefault(visible, []).append((mean - ctrl[0], var + ctrl[1]))
     devs, noise, weight, names = [], [], [], []
-    for (q, _, _), reps in sorted(conditions.items()):
+    for (_, q, _, _, _), reps in sorted(conditions.items(), key=lambda kv: tuple(map(str, kv[0]))):
         R = len(reps)
         if R < 2:
             continue
@@ -141,7 +152,9 @@ def population_offsets(replicates: dict, hidden, control_label: str, max_offsets
     if not devs:
         return None
     d, nv = np.concatenate(devs), np.concatenate(noise)
-    between = np.maximum((d**2 - nv).sum(0), 0) / np.sum(weight)
+    df = sum(weight)  # sum over conditions of R - 1
+    signal = (d**2).sum(0) > (1 + 3 * np.sqrt(2 / df)) * nv.sum(0)
+    between = np.where(signal, np.maximum((d**2 - nv).sum(0), 0) / df, 0.0)
     observed = (d**2).mean(0)
     scale = np.sqrt(np.divide(between, observed, out=np.zeros_like(between), where=observed > 0))
     offsets = d * scale

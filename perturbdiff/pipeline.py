@@ -305,8 +305,9 @@ class PerturbDiffPipeline:
                             "deviations over hidden " + "+".join(self.populations["hidden"]) + " (between-replicate "
                             "variance, sampling noise removed; perturbdiff.baselines.population_offsets; conditions "
                             "table: population_offsets)" if self.populations is not None else
-                            "the sampler's independent draws (no replicate deviations in the model folder: a model "
-                            "trained without hidden covariates)"),
+                            "the sampler's independent draws (not calibrated; no replicate deviations in the model "
+                            "folder: " + ("no condition had two or more training replicates)" if self.config.hidden_covariates
+                                          else "a model trained without hidden covariates)")),
             # perturbations without training cells (held out, or outside the vocabulary)
             "unseen_perturbations": sorted({str(p) for p in conds["perturbation"]}
                                            - set(cfg.trained_perturbations if cfg.trained_perturbations is not None
@@ -327,8 +328,9 @@ class PerturbDiffPipeline:
         from the mean of the K is shrunk, per gene, to what the sampling noise of its n cells explains
         (the sampler's own population spread, measured uncalibrated, goes; a sample's noise stays),
         then moved by one draw of the replicates' deviations (the perturbation's own when it has two
-        or more, else all; centred over the K, so the condition's mean stays). A population's move of
-        a gene goes to the cells that express it (zeros stay zeros). Clipped at 0."""
+        or more, else all; centred over the K, so the condition's mean stays). Every cell of a
+        population moves alike (a move is at most a drawn deviation: nothing is amplified); clipped
+        at 0, which can take a little off a negative move of a gene near zero."""
         pops = self.populations
         names = np.asarray(pops["perturbations"], dtype=object)
         own = np.flatnonzero(names == str(perturbation))
@@ -340,12 +342,7 @@ class PerturbDiffPipeline:
         noise = values.var(1, ddof=1, dtype=np.float64).mean(0) / values.shape[1] if values.shape[1] > 1 else observed
         keep = np.sqrt(np.clip(np.divide(noise, observed, out=np.ones_like(observed), where=observed > 0), 0, 1))
         move = drawn - drawn.mean(0) - departure * (1 - keep)  # [K, G]: what each population's mean moves by
-        # moved on the cells that express the gene (their share scaled up), so that zeros stay zeros
-        # and the clip at 0 does not eat the moves of genes most cells do not express
-        expressed = values > 0
-        share = expressed.mean(1, keepdims=True)  # [K, 1, G]
-        step = np.divide(move[:, None, :], share, out=np.zeros_like(share, dtype=np.float64), where=share > 0)
-        out = values + (step * expressed).astype(np.float32)
+        out = values + move[:, None, :].astype(np.float32)
         source = f"{perturbation} ({len(own)})" if len(own) >= 2 else f"all ({len(names)})"
         return np.maximum(out, 0, out=out), source
 

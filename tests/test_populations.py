@@ -21,14 +21,14 @@ def _replicates(tau: float, noise: float, *, R=6, n=200, G=300, perts=("A", "B")
                 groups[q] = groups["control"] + 1.0 + rng.normal(0, tau, G)  # the hidden effect on the response
             for q, mu in groups.items():
                 cells = mu + rng.normal(0, noise, (n, G))
-                out[(q, c, f"b{b}")] = (cells.sum(0), (cells**2).sum(0), n)
+                out[("screen", q, c, 0.0, f"b{b}", q == "control")] = (cells.sum(0), (cells**2).sum(0), n)
     return out
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.0])
 def test_offsets_carry_the_between_replicate_variance_and_nothing_else(tau):
     reps = _replicates(tau, noise=1.0)
-    pops = population_offsets(reps, ["batch"], "control")
+    pops = population_offsets(reps, ["batch"])
     assert pops["offsets"].shape == (2 * 2 * 6, 300) and set(pops["perturbations"]) == {"A", "B"}
     measured = float((pops["offsets"] ** 2).mean())
     if tau:
@@ -36,15 +36,23 @@ def test_offsets_carry_the_between_replicate_variance_and_nothing_else(tau):
         assert float(pops["between"].mean()) == pytest.approx(tau**2, rel=0.2)
     else:
         assert measured < 0.1 * 0.3**2  # the sampling noise of the group means is removed
+        # and with a few cells per group, where the noise is most of what the deviations show
+        small = population_offsets(_replicates(0.0, noise=1.0, n=30), ["batch"])
+        # (under a tenth of the sampling variance of one group mean, 1 / 30; a few genes pass by chance)
+        assert float((small["offsets"] ** 2).mean()) < 0.1 / 30 and (small["between"] > 0).mean() < 0.05
+        assert population_offsets(_replicates(0.0, noise=1.0, n=10), ["batch"]) is None  # noise not known: none
+    # replicates of two datasets that reuse the batch names are not mixed into one
+    two = {**reps, **{("other", *k[1:]): v for k, v in _replicates(tau, noise=1.0, seed=1).items()}}
+    assert population_offsets(two, ["batch"])["offsets"].shape[0] == 2 * pops["offsets"].shape[0]
     # a context hidden: replicates are the contexts (batches visible): conditions (A, b) of 2 contexts
-    assert population_offsets(reps, ["context"], "control")["offsets"].shape[0] == 2 * 6 * 2
+    assert population_offsets(reps, ["context"])["offsets"].shape[0] == 2 * 6 * 2
     # a single replicate per condition: nothing measured
-    assert population_offsets({k: v for k, v in reps.items() if k[2] == "b0"}, ["batch"], "control") is None
+    assert population_offsets({k: v for k, v in reps.items() if k[4] == "b0"}, ["batch"]) is None
 
 
 def test_offsets_travel_in_the_stats_file(tmp_path):
     reps = _replicates(0.3, noise=1.0, G=20)
-    pops = population_offsets(reps, ["batch"], "control")
+    pops = population_offsets(reps, ["batch"])
     stats = {"sums": {("A", "c1"): np.ones(20)}, "counts": {("A", "c1"): 2}, "populations": pops}
     save_stats(tmp_path, stats)
     back = load_stats(tmp_path)["populations"]
@@ -80,3 +88,21 @@ def test_populations_take_the_replicates_spread_not_the_samplers():
     # an unknown perturbation draws from every perturbation's deviations
     pops["perturbations"] = ["B"] * 30
     assert PerturbDiffPipeline._draw_populations(SimpleNamespace(populations=pops), values[:3], "A", rng)[1] == "all (30)"
+
+
+def test_population_moves_on_sparse_genes_stay_bounded():
+    """Genes most cells do not express: no value grows past a drawn deviation, nothing goes negative,
+    and the condition's mean moves by no more than the clip at 0 takes off negative moves."""
+    from types import SimpleNamespace
+
+    from perturbdiff.pipeline import PerturbDiffPipeline
+
+    rng = np.random.default_rng(2)
+    K, n, G = 8, 64, 40
+    values = (rng.random((K, n, G)) < 0.1) * rng.gamma(2.0, 0.5, (K, n, G))  # 90 % zeros
+    values = values.astype(np.float32)
+    pops = {"offsets": rng.normal(0, 0.5, (6, G)).astype(np.float32), "perturbations": ["A"] * 6, "hidden": ["batch"]}
+    out, _ = PerturbDiffPipeline._draw_populations(SimpleNamespace(populations=pops), values.copy(), "A", rng)
+    assert out.min() >= 0
+    assert out.max() <= values.max() + 2 * np.abs(pops["offsets"]).max() + values.mean(1).std(0).max() * 2
+    assert np.abs(out.mean((0, 1)) - values.mean((0, 1))).max() < 0.5  # the clip takes off part of negative moves only

@@ -445,9 +445,9 @@ class CellSetDataset(IterableDataset):
             ``cells``: the number of cells read; ``sums`` / ``counts``: per (perturbation, context)
             the sum of the cells' normalised expression [G] and their number
             (`perturbdiff.baselines.train_stats`' format; what `perturbdiff.baselines.Anchor` takes);
-            with ``replicates``, also ``replicates``: per (perturbation, context, batch) the sum [G],
-            the sum of squares [G] and the number of cells (what `perturbdiff.baselines.population_offsets`
-            takes; 16 bytes per gene and group).
+            with ``replicates``, also ``replicates``: per group, keyed (dataset, perturbation, context,
+            dose, batch, is_control), the sum [G], the sum of squares [G] and the number of cells
+            (what `perturbdiff.baselines.population_offsets` takes; 16 bytes per gene and group).
         """
         chosen = [(src, sorted(set(np.unique(base[:, 0]).tolist()) | set(np.flatnonzero(src.is_control & (src.size > 0)).tolist())))
                   for src, base in zip(self.sources, self._base)]
@@ -464,8 +464,10 @@ class CellSetDataset(IterableDataset):
                 np.add.at(sums.setdefault(key, np.zeros(self.num_genes, dtype=np.float64)), cols, values.astype(np.float64))
                 counts[key] = counts.get(key, 0) + n
                 read += n
-                if replicates:
-                    rk = (*key, str(src.groups["batch"].iat[gid]))
+                if replicates:  # a replicate: one group (controls pair by dataset, context and batch)
+                    g = src.groups
+                    rk = (str(g["dataset"].iat[gid]), *key, float(g["dose"].iat[gid]), str(g["batch"].iat[gid]),
+                          bool(src.is_control[gid]))
                     acc = reps.setdefault(rk, [np.zeros(self.num_genes), np.zeros(self.num_genes), 0])
                     v = values.astype(np.float64)
                     np.add.at(acc[0], cols, v)

@@ -140,8 +140,11 @@ class Trainer:
             if hidden:
                 from ..baselines import population_offsets
 
-                pops = population_offsets(summary["replicates"], hidden, model.config.control_label or "control")
-                if pops is not None:
+                pops = population_offsets(summary["replicates"], hidden)
+                if pops is None:
+                    self._print(f"populations: no condition has two or more training replicates over hidden "
+                                f"{'+'.join(hidden)}: K populations will be the sampler's own draws (not calibrated)")
+                else:
                     self.response_stats["populations"] = pops
                     self._print(f"populations: {len(pops['offsets'])} replicate deviations of the responses over "
                                 f"hidden {'+'.join(hidden)}; between-replicate variance {float(pops['between'].mean()):.4g} "
