@@ -25,7 +25,8 @@ with the same builder, so every check and option of a build applies), then adds 
   atlases' stored means and variances (float32: the combined figures agree with a build of all inputs
   to ~1e-6 relative; the HVG flags can differ only for genes tied at the cut).
 
-An object-store atlas is not appended to: there is no rename there, so an interrupted append could
+An atlas that a training is reading should not be appended to meanwhile (the swap replaces its
+files under the reader). An object-store atlas is not appended to: there is no rename there, so an interrupted append could
 not be undone; build the new source as its own atlas and let the loader mix them (``--atlas a b``).
 """
 
@@ -60,9 +61,14 @@ def append_to_atlas(target, inputs, *, progress: bool = True, **build_kwargs) ->
     old = Atlas(location)  # complete, readable, format checked
     path = old.path
     run_id = uuid.uuid4().hex[:8]
-    name = build_kwargs.get("dataset_name")
-    if name is not None and name in set(old.groups["dataset"]):
-        raise ValueError(_dataset_clash(path, [name]))
+    # the datasets the inputs will form, where they are known before the build (a name, or file stems)
+    if build_kwargs.get("dataset_key") is None:
+        names = ([build_kwargs["dataset_name"]] if build_kwargs.get("dataset_name") is not None else
+                 [Path(x).stem for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs])
+                  if isinstance(x, (str, os.PathLike)) and Path(x).is_file()])
+        clash = sorted(set(names) & set(old.groups["dataset"]))
+        if clash:
+            raise ValueError(_dataset_clash(path, clash))
     build_kwargs["n_top_genes"] = int(old.metadata.get("build", {}).get("n_top_genes", 2000))
     scratch = scratch_path(path, f"append-{run_id}.zarr")
     partial = path.parent / f".{path.name}.partial-{run_id}"
