@@ -129,8 +129,8 @@ def test_population_calibration_on_synthetic_replicates(tmp_path):
                             "--override", "model.preset=debug", "--output-dir", str(tmp_path)])
     on, off = doc["response_spread=0.5"], doc["response_spread=0"]
     assert on["real_between"] > 5 * off["real_between"] > 0
-    assert 0.5 <= on["ratio"] <= 2.0  # measured 0.79
-    assert off["pred_between"] < 0.3 * on["real_between"]  # measured 0.21
+    assert 0.5 <= on["ratio"] <= 2.0  # measured 0.70
+    assert off["pred_between"] < 0.3 * on["real_between"]  # measured 0.05
     for part in (on, off):
         assert len(part["conditions"]) == 6 and all(c["batches"] == 6 for c in part["conditions"])
         assert all(math.isfinite(c["pred_between"]) for c in part["conditions"]) and math.isfinite(part["ratio"])
