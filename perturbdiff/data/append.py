@@ -137,8 +137,6 @@ def _link_tree(src: Path, dst: Path) -> None:
     but the last of each array: nearly all the bytes) are hard links; every other file (metadata,
     obs, var, the group index, each array's last shard) is copied, so that no write of the append,
     whatever the zarr version does on a write, can reach a file of ``src``."""
-    import os
-
     shared = set()
     for name in ("data", "indices", "indptr"):
         folder = src / "X" / name / "c"
@@ -167,7 +165,7 @@ def _merge(old, new, partial: Path, gene_map, n_top_genes: int, *, progress: boo
     from anndata.io import read_elem, write_elem
     from tqdm.auto import tqdm
 
-    from .builder import highly_variable_genes
+    from .builder import gene_table
     from .store import _ATTR, _GROUPS_PATH, AtlasCorruptError, _Appender, _zarr
 
     root = _zarr().open_group(str(partial), mode="r+")
@@ -241,14 +239,11 @@ def _merge(old, new, partial: Path, gene_map, n_top_genes: int, *, progress: boo
     groups.index = groups.index.astype(str)
     n = n_old + n_new
     va, vb = old.var, new.var.loc[old.var.index]
+    # the two atlases' sums and sums of squares, back from their stored means and variances
     sums = [(v["mean"].to_numpy(np.float64) * k, (v["variance"].to_numpy(np.float64) * (k - 1) / max(k, 1)
              + v["mean"].to_numpy(np.float64) ** 2) * k) for v, k in ((va, n_old), (vb, n_new))]
-    mean = (sums[0][0] + sums[1][0]) / n
-    var = np.maximum((sums[0][1] + sums[1][1]) / n - mean**2, 0.0) * (n / max(n - 1, 1))
-    disp_norm, hv = highly_variable_genes(mean, var, n_top_genes)
-    var_df = pd.DataFrame({"n_cells": va["n_cells"].to_numpy() + vb["n_cells"].to_numpy(), "mean": mean.astype(np.float32),
-                           "variance": var.astype(np.float32), "dispersion_norm": disp_norm, "highly_variable": hv},
-                          index=va.index)
+    var_df = gene_table(sums[0][0] + sums[1][0], sums[0][1] + sums[1][1],
+                        va["n_cells"].to_numpy() + vb["n_cells"].to_numpy(), n, n_top_genes, va.index)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         write_elem(root, "var", var_df)

@@ -595,19 +595,8 @@ def build_atlas(
             for c in cleaners:
                 c.report()
 
-            mean = g_sum / n_total
-            var = np.maximum(g_sq / n_total - mean**2, 0.0) * (n_total / max(n_total - 1, 1))
-            disp_norm, hv = highly_variable_genes(mean, var, n_top_genes)
-            var_df = pd.DataFrame(
-                {
-                    "n_cells": g_n,
-                    "mean": mean.astype(np.float32),
-                    "variance": var.astype(np.float32),
-                    "dispersion_norm": disp_norm,
-                    "highly_variable": hv,
-                },
-                index=pd.Index(np.asarray(gene_names, dtype=object).astype(str), name=None),
-            )
+            var_df = gene_table(g_sum, g_sq, g_n, n_total, n_top_genes,
+                                pd.Index(np.asarray(gene_names, dtype=object).astype(str), name=None))
             group_of_row = np.repeat(np.arange(len(groups), dtype=np.int32), counts)
             # the obs columns are made one at a time as they are written (`AtlasWriter.finish`)
             obs = {
@@ -649,6 +638,16 @@ def build_atlas(
             s.close()
         if spool is not None:
             spool.close()
+
+
+def gene_table(g_sum, g_sq, g_n, n_cells: int, n_top_genes: int, index: pd.Index) -> pd.DataFrame:
+    """The atlas's var table from per-gene sums, sums of squares and non-zero counts over ``n_cells``
+    cells: mean, (unbiased) variance, normalised dispersion and the highly variable flags."""
+    mean = g_sum / n_cells
+    var = np.maximum(g_sq / n_cells - mean**2, 0.0) * (n_cells / max(n_cells - 1, 1))
+    disp_norm, hv = highly_variable_genes(mean, var, n_top_genes)
+    return pd.DataFrame({"n_cells": g_n, "mean": mean.astype(np.float32), "variance": var.astype(np.float32),
+                         "dispersion_norm": disp_norm, "highly_variable": hv}, index=index)
 
 
 def _build_workers(workers: int | None, kinds, num_blocks: int) -> int:
